@@ -1,0 +1,1 @@
+"""emu2_jax: Emu2 and Emu in JAX/Flax, trainable on TPU pods and GPU meshes."""
