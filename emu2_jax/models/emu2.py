@@ -1,0 +1,180 @@
+"""The Emu2 model: visual encoder -> connector -> LLaMA decoder -> text logits and regressed
+visual embeddings, plus its two losses.
+
+Batch layout (see `emu2_jax.data`): `tokens`, `targets`, `text_loss_mask`, `image_loss_mask`,
+`segment_ids`, `positions` of shape [B, L]; `images` [B, N, H, W, 3] with `image_valid` and
+`image_is_frame` [B, N]. Each valid still image fills, in order, `n_query` `<image>` placeholder
+positions of its row; each video frame fills `v_query` `[gIMG]` positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from emu2_jax import sharding as sh
+from emu2_jax.models import layers
+from emu2_jax.models.causal_transformer import CausalTransformerConfig, CausalTransformerConnector
+from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
+from emu2_jax.models.llama import LlamaConfig, LlamaDecoder
+from emu2_jax.models.projector import MeanPoolProjector
+
+# Top-level parameter collections; training selects frozen / trainable components by these names.
+COMPONENTS = ("visual", "connector", "llm", "project_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class Emu2Config:
+    vision: VisionConfig
+    llm: LlamaConfig
+    connector: str = "mean_pool"      # "mean_pool" (Emu2) or "causal_transformer" (Emu v1)
+    causal_transformer: CausalTransformerConfig | None = None
+    n_query: int = 64                 # visual tokens per still image
+    v_query: int = 64                 # visual tokens per video frame
+    image_token_id: int = 32003       # `<image>`
+    frame_token_id: int = 32004       # `[gIMG]`
+
+    def __post_init__(self):
+        if self.connector not in ("mean_pool", "causal_transformer"):
+            raise ValueError(f"connector={self.connector!r}; expected 'mean_pool' or 'causal_transformer'")
+        if self.connector == "causal_transformer" and self.causal_transformer is None:
+            raise ValueError("connector='causal_transformer' needs a causal_transformer config")
+
+    @property
+    def visual_embed_dim(self) -> int:
+        """Width of the regressed visual embeddings (the connector's output before project_up)."""
+        if self.connector == "causal_transformer":
+            return self.causal_transformer.width
+        return self.vision.width
+
+
+@chex.dataclass
+class Emu2Output:
+    text_logits: jax.Array     # [B, L, V] float32
+    visual_pred: jax.Array     # [B, L, Dv] regressed embedding of the element after each position
+    visual_target: jax.Array   # [B, L, Dv] the embedding actually at position p+1 (zeros if none)
+
+
+def _compact_valid(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """Moves the valid rows of values [B, M, D] (valid [B, M]) to the front, keeping their order."""
+    order = jnp.argsort(~valid, axis=1, stable=True)
+    return jnp.take_along_axis(values, order[..., None], axis=1)
+
+
+def _scatter_into_placeholders(embeds: jax.Array, is_placeholder: jax.Array, values: jax.Array) -> jax.Array:
+    """Writes values [B, M, D] in order into the True positions of is_placeholder [B, L] of embeds [B, L, D]."""
+    index = jnp.clip(jnp.cumsum(is_placeholder, axis=1) - 1, 0, max(values.shape[1] - 1, 0))
+    gathered = jnp.take_along_axis(values, index[..., None], axis=1)
+    return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class Emu2Model(nn.Module):
+    config: Emu2Config
+
+    def setup(self):
+        cfg = self.config
+        self.visual = EvaVisionTransformer(cfg.vision)
+        if cfg.connector == "mean_pool":
+            self.connector = MeanPoolProjector(cfg.llm.hidden_size, dtype=cfg.llm.dtype,
+                                               param_dtype=cfg.llm.param_dtype)
+        else:
+            self.connector = CausalTransformerConnector(cfg.causal_transformer, cfg.llm.hidden_size)
+        self.llm = LlamaDecoder(cfg.llm)
+        self.project_down = layers.dense(cfg.visual_embed_dim, (sh.EMBED, sh.VISION_EMBED), dtype=cfg.llm.dtype,
+                                         param_dtype=cfg.llm.param_dtype)
+
+    def encode_images(self, images: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+        """images [M, H, W, 3] -> (visual embeddings [M, n, Dv], LLM-width embeddings [M, n, D])."""
+        chex.assert_rank(images, 4)
+        patches = self.visual(images)[:, 1:]  # drop CLS: the connector reads patch tokens only
+        return self.connector(patches, num_tokens)
+
+    def embed_inputs(self, tokens: jax.Array, images: jax.Array, image_valid: jax.Array,
+                     image_is_frame: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Text embeddings with visual embeddings written into the placeholder positions.
+
+        Returns (inputs_embeds [B, L, D], visual_at [B, L, Dv]: the visual embedding at each
+        placeholder position, zeros elsewhere; the regression targets come from it).
+        """
+        cfg = self.config
+        chex.assert_rank(tokens, 2)
+        embeds = self.llm.embed(tokens)
+        batch, length = tokens.shape
+        visual_at = jnp.zeros((batch, length, cfg.visual_embed_dim), jnp.float32)
+        if images.shape[1] == 0:
+            return embeds, visual_at
+        chex.assert_rank(images, 5)
+        chex.assert_equal_shape_prefix((tokens, images, image_valid, image_is_frame), 1)
+        num_slots = images.shape[1]
+        flat = images.reshape(batch * num_slots, *images.shape[2:])
+        kinds = [(cfg.image_token_id, cfg.n_query, image_valid & ~image_is_frame),
+                 (cfg.frame_token_id, cfg.v_query, image_valid & image_is_frame)]
+        encoded = {}
+        for token_id, num_tokens, slot_valid in kinds:
+            if num_tokens not in encoded:
+                encoded[num_tokens] = self.encode_images(flat, num_tokens)
+            visual, projected = encoded[num_tokens]
+            token_valid = jnp.repeat(slot_valid, num_tokens, axis=1)
+            visual = _compact_valid(visual.reshape(batch, num_slots * num_tokens, -1), token_valid)
+            projected = _compact_valid(projected.reshape(batch, num_slots * num_tokens, -1), token_valid)
+            is_placeholder = tokens == token_id
+            embeds = _scatter_into_placeholders(embeds, is_placeholder, projected)
+            visual_at = _scatter_into_placeholders(visual_at, is_placeholder, visual.astype(jnp.float32))
+        embeds = nn.with_logical_constraint(embeds, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+        return embeds, visual_at
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> Emu2Output:
+        embeds, visual_at = self.embed_inputs(batch["tokens"], batch["images"], batch["image_valid"],
+                                              batch["image_is_frame"])
+        hidden = self.llm(embeds, batch["positions"], batch["segment_ids"])
+        # The output at p regresses the element at p+1; targets never carry gradient into the encoder.
+        visual_target = jax.lax.stop_gradient(jnp.pad(visual_at[:, 1:], ((0, 0), (0, 1), (0, 0))))
+        return Emu2Output(
+            text_logits=self.llm.logits(hidden),
+            visual_pred=self.project_down(hidden).astype(jnp.float32),
+            visual_target=visual_target,
+        )
+
+    def decode_step(self, inputs_embeds: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """One KV-cached LLM call (prefill or step): returns (text logits, regressed embeddings)."""
+        hidden = self.llm(inputs_embeds, positions, segment_ids, decode=True)
+        return self.llm.logits(hidden), self.project_down(hidden).astype(jnp.float32)
+
+
+def compute_losses(outputs: Emu2Output, batch: Mapping[str, jax.Array], *, text_weight: float = 1.0,
+                   image_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked next-token cross-entropy and next-visual-embedding MSE, separately weighted.
+
+    Each loss is a mean over its supervised positions (the MSE also over feature channels);
+    a batch without supervised positions of a kind contributes 0 for it.
+    """
+    text_mask = batch["text_loss_mask"].astype(jnp.float32)
+    image_mask = batch["image_loss_mask"].astype(jnp.float32)
+    chex.assert_equal_shape((text_mask, image_mask, batch["targets"]))
+    logits = outputs.text_logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    text_count = text_mask.sum()
+    text_loss = (nll * text_mask).sum() / jnp.maximum(text_count, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    text_accuracy = (correct * text_mask).sum() / jnp.maximum(text_count, 1.0)
+
+    squared = jnp.mean(jnp.square(outputs.visual_pred - outputs.visual_target), axis=-1)
+    image_count = image_mask.sum()
+    image_loss = (squared * image_mask).sum() / jnp.maximum(image_count, 1.0)
+
+    total = text_weight * text_loss + image_weight * image_loss
+    metrics = {
+        "loss": total,
+        "text_loss": text_loss,
+        "image_loss": image_loss,
+        "text_accuracy": text_accuracy,
+        "text_tokens": text_count,
+        "image_tokens": image_count,
+    }
+    return total, metrics
