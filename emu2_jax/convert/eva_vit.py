@@ -1,0 +1,99 @@
+"""timm `Eva` / Emu2-native EVA tower state dict -> `EvaVisionTransformer` params.
+
+Key layout (SPEC.md §6): `{prefix}patch_embed.proj.{weight,bias}`, `{prefix}cls_token`, `{prefix}pos_embed`,
+`{prefix}blocks.{i}.norm1.*`, `...attn.qkv.weight` (fused [3 * width, width], rows Q, K, V, head-major),
+`...attn.q_bias`, `...attn.v_bias`, `...attn.proj.*`, `...norm2.*`, `...mlp.fc1.*`, `...mlp.fc2.*` and,
+only with `config.final_norm`, `{prefix}norm.*`. Prefixes: "" (timm), "visual." (Emu2 native),
+"model.visual." (HF Emu2).
+
+Ignored on purpose: keys outside `prefix` (LLM, projector, ...); timm's `attn.k_bias` (a zero buffer,
+present only in state dicts saved with non-persistent buffers); timm's classifier `head.*` and pooled
+`fc_norm.*`, which act after pooling and so have no counterpart in a tower that returns all tokens.
+Any other key under `prefix` is an error.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from emu2_jax.models.eva_vit import VisionConfig
+
+_IGNORED = re.compile(r"(blocks\.\d+\.attn\.k_bias|head\.(weight|bias)|fc_norm\.(weight|bias))")
+
+
+class _Reader:
+    """Fetches `prefix + name` with a shape check and records which keys were used."""
+
+    def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str):
+        self.state_dict, self.prefix, self.used = state_dict, prefix, set()
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        key = self.prefix + name
+        if key not in self.state_dict:
+            raise ValueError(f"EVA state dict is missing key {key!r}")
+        value = np.asarray(self.state_dict[key])
+        if value.shape != shape:
+            raise ValueError(f"EVA state dict key {key!r} has shape {value.shape}, expected {shape}")
+        self.used.add(key)
+        return value
+
+
+def _layer_norm(read: _Reader, name: str, width: int) -> dict[str, np.ndarray]:
+    return {"scale": read(f"{name}.weight", (width,)), "bias": read(f"{name}.bias", (width,))}
+
+
+def _block(read: _Reader, i: int, cfg: VisionConfig) -> dict:
+    e, h, d, m = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    p = f"blocks.{i}."
+    # torch Linear weight [out, in]; the fused qkv rows are [Q | K | V], each head-major.
+    qkv = read(p + "attn.qkv.weight", (3 * e, e)).T.reshape(e, 3, h, d)
+    attn = {name: {"kernel": qkv[:, j]} for j, name in enumerate(("q", "k", "v"))}
+    if cfg.qkv_bias:
+        attn["q"]["bias"] = read(p + "attn.q_bias", (e,)).reshape(h, d)
+        attn["v"]["bias"] = read(p + "attn.v_bias", (e,)).reshape(h, d)
+    attn["proj"] = {"kernel": read(p + "attn.proj.weight", (e, e)).T.reshape(h, d, e),
+                    "bias": read(p + "attn.proj.bias", (e,))}
+    mlp = {"fc1": {"kernel": read(p + "mlp.fc1.weight", (m, e)).T, "bias": read(p + "mlp.fc1.bias", (m,))},
+           "fc2": {"kernel": read(p + "mlp.fc2.weight", (e, m)).T, "bias": read(p + "mlp.fc2.bias", (e,))}}
+    return {"norm1": _layer_norm(read, p + "norm1", e), "attn": attn,
+            "norm2": _layer_norm(read, p + "norm2", e), "mlp": mlp}
+
+
+def _stack(trees: list[dict]) -> dict:
+    """Stacks per-block param dicts along a new leading `layers` axis."""
+    if isinstance(trees[0], dict):
+        return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+    return np.stack(trees)
+
+
+def _cast(tree: dict, dtype) -> dict:
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    return np.ascontiguousarray(tree).astype(dtype, copy=False)
+
+
+def convert_eva_vit(state_dict: Mapping[str, np.ndarray], config: VisionConfig, prefix: str = "") -> dict:
+    """Returns the `params` tree of `EvaVisionTransformer(config)` (numpy arrays in `config.param_dtype`)."""
+    cfg = config
+    read = _Reader(state_dict, prefix)
+    e, p = cfg.width, cfg.patch_size
+    params = {
+        # Conv2d weight [out, in, kh, kw] -> Flax Conv kernel [kh, kw, in, out].
+        "patch_embed": {"kernel": read("patch_embed.proj.weight", (e, 3, p, p)).transpose(2, 3, 1, 0),
+                        "bias": read("patch_embed.proj.bias", (e,))},
+        "cls_token": read("cls_token", (1, 1, e)),
+        "pos_embed": read("pos_embed", (1, 1 + cfg.num_patches, e)),
+        "blocks": _stack([_block(read, i, cfg) for i in range(cfg.depth)]),
+    }
+    if cfg.final_norm:
+        params["norm"] = _layer_norm(read, "norm", e)
+
+    unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in read.used
+                        and not _IGNORED.fullmatch(k[len(prefix):]))
+    if unexpected:
+        raise ValueError(f"EVA state dict has unexpected keys under prefix {prefix!r} for this config: "
+                         f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    return _cast(params, jnp.dtype(cfg.param_dtype))

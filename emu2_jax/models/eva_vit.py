@@ -1,0 +1,157 @@
+"""EVA vision tower (Emu2's EVA-02-CLIP-E-plus encoder, Emu v1's EVA-CLIP encoder).
+
+A plain ViT with a learned absolute position embedding and a CLS token, following the EVA
+attention scheme (q and v biases, no k bias). `post_norm=True` is Emu2's "residual post-norm"
+block, x + LN(attn(x)) then x + LN(mlp(x)); `post_norm=False` is the usual pre-norm block.
+The output is the full token sequence after the last block (CLS first, then patches row-major),
+optionally followed by a final LayerNorm: Emu2's tower has none (SPEC.md §1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from emu2_jax import sharding as sh
+from emu2_jax.models import layers
+
+_RESIDUAL_AXES = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1792
+    depth: int = 64
+    num_heads: int = 16
+    mlp_dim: int = 15360
+    qkv_bias: bool = True        # q and v biases; k has none (EVA scheme)
+    post_norm: bool = True       # x + LN(attn(x)) (Emu2); False: x + attn(LN(x))
+    layer_norm_eps: float = 1e-6
+    final_norm: bool = False     # Emu2 has none
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.remat_policy not in layers.REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+class EvaAttention(nn.Module):
+    """Multi-head self-attention without mask; q/v biases only (EVA's k bias is fixed at zero)."""
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        proj_in = dict(features=(cfg.num_heads, cfg.head_dim), kernel_axes=(sh.EMBED, sh.HEADS, sh.HEAD_DIM),
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        head_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.ACT_HEAD_DIM)
+        q = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="q")(x), head_axes)
+        k = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=False, name="k")(x), head_axes)
+        v = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="v")(x), head_axes)
+        out = layers.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, dtype=cfg.dtype)
+        out = nn.with_logical_constraint(out, head_axes)
+        return layers.dense(cfg.width, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), use_bias=True,
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj")(out)
+
+
+class EvaMlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2, as torch's nn.GELU()."""
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = layers.dense(cfg.mlp_dim, (sh.EMBED, sh.MLP), use_bias=True, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name="fc1")(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
+        return layers.dense(cfg.width, (sh.MLP, sh.EMBED), use_bias=True, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name="fc2")(h)
+
+
+class EvaBlock(nn.Module):
+    """One transformer block; `__call__(x, None)` returns `(x, None)` for `layers.scan_blocks`."""
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        cfg = self.config
+        norm = dict(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        norm1, norm2 = layers.layer_norm(**norm, name="norm1"), layers.layer_norm(**norm, name="norm2")
+        attn, mlp = EvaAttention(cfg, name="attn"), EvaMlp(cfg, name="mlp")
+        if cfg.post_norm:
+            x = x + norm1(attn(x))
+            x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
+            x = x + norm2(mlp(x))
+        else:
+            x = x + attn(norm1(x))
+            x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
+            x = x + mlp(norm2(x))
+        return nn.with_logical_constraint(x, _RESIDUAL_AXES), None
+
+
+class EvaVisionTransformer(nn.Module):
+    """images [B, H, W, 3] (normalised, NHWC, H == W == image_size) -> tokens [B, 1 + grid**2, width]."""
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, 3)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"EvaVisionTransformer expects images of shape [B, {cfg.image_size}, "
+                             f"{cfg.image_size}, 3] (NHWC), got {tuple(images.shape)}")
+        batch = images.shape[0]
+
+        patches = nn.Conv(
+            cfg.width, kernel_size=(cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID", use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            # Kernel height and width stay unnamed (replicated): Flax rejects a logical name used twice
+            # and sharding.py has a single CONV_SPATIAL.
+            kernel_init=layers.partitioned(layers.default_kernel_init, (None, None, sh.CONV_IN, sh.CONV_OUT)),
+            bias_init=layers.partitioned(nn.initializers.zeros_init(), (sh.CONV_OUT,)),
+            name="patch_embed",
+        )(images.astype(cfg.dtype))
+        # [B, grid, grid, width] -> [B, grid * grid, width]: row-major (h * grid + w), as torch's flatten(2).
+        x = patches.reshape(batch, cfg.num_patches, cfg.width)
+
+        embed_init = nn.initializers.truncated_normal(0.02)
+        cls_token = self.param("cls_token", layers.partitioned(embed_init, (None, None, sh.EMBED)),
+                               (1, 1, cfg.width), cfg.param_dtype)
+        pos_embed = self.param("pos_embed", layers.partitioned(embed_init, (None, sh.POSITIONS, sh.EMBED)),
+                               (1, 1 + cfg.num_patches, cfg.width), cfg.param_dtype)
+        cls = jnp.broadcast_to(cls_token.astype(cfg.dtype), (batch, 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos_embed.astype(cfg.dtype)
+        x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
+
+        blocks = layers.scan_blocks(EvaBlock, num_layers=cfg.depth, remat_policy=cfg.remat_policy)
+        x, _ = blocks(cfg, name="blocks")(x, None)
+
+        if cfg.final_norm:
+            x = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                  name="norm")(x)
+        chex.assert_shape(x, (batch, 1 + cfg.num_patches, cfg.width))
+        return nn.with_logical_constraint(x, _RESIDUAL_AXES)
