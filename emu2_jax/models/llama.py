@@ -1,0 +1,277 @@
+"""LLaMA decoder (Emu2's LLaMA-33B and Emu v1's LLaMA-13B) in Flax linen.
+
+Layers are always scanned (`layers.scan_blocks`): every per-layer parameter and cache variable has a
+leading `layers` axis. Parameter tree (see `emu2_jax.convert.llama` for the Hugging Face mapping):
+
+    embed_tokens/embedding                [V, D]
+    layers/input_norm/scale               [N, D]
+    layers/attn/{q,k,v}/kernel            [N, D, heads | kv_heads, head_dim]
+    layers/attn/o/kernel                  [N, heads, head_dim, D]
+    layers/attn/{q,k,v,o}/{lora_a,lora_b} only when lora_rank > 0
+    layers/post_attention_norm/scale      [N, D]
+    layers/mlp/{gate,up}/kernel           [N, D, F]
+    layers/mlp/down/kernel                [N, F, D]
+    norm/scale                            [D]
+    lm_head/kernel                        [D, V]
+
+`LlamaDecoder.__call__` only touches `layers` and `norm`; initialise every parameter with
+`model.init(rng, tokens, positions, method=LlamaDecoder.forward)` (or from a parent module that calls
+`embed`, `__call__` and `logits`).
+
+KV-cache decoding: `cache = init_cache(config, batch_size)` (zeros, no parameter initialisation), then
+`hidden, mutated = model.apply({"params": params, "cache": cache}, embeds, positions, segment_ids,
+decode=True, mutable=["cache"])` and carry `mutated["cache"]` to the next call. Each call writes its L
+tokens at `cache_index` and advances it by L; the caller keeps cache_index + L <= max_cache_length
+(past the end, `dynamic_update_slice` clamps the write and silently overwrites the last slots).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from emu2_jax import sharding as sh
+from emu2_jax.models import layers
+
+# Logical name of the LoRA rank axis. Not in `sharding.LOGICAL_RULES`, so it is replicated.
+LORA_RANK = "lora_rank"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_cache_length: int = 2048       # KV-cache slots for decoding
+    dtype: Any = jnp.float32           # compute dtype
+    param_dtype: Any = jnp.float32
+    remat_policy: str = "none"         # a key of layers.REMAT_POLICIES
+    lora_rank: int = 0                 # LoRA on q, k, v, o when > 0 (Emu v1 chat tuning)
+    lora_alpha: float = 16.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, L, head_dim] (float32), rotate_half layout: dim i pairs with i + head_dim / 2."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, L, heads, head_dim] in float32 and casts back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
+    """[B, 1, T, S]: causal by slot (query i sits at slot q_offset + i), same segment, query not padding."""
+    same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments != 0)[:, :, None]
+    return layers.causal_mask(q_segments.shape[1], kv_segments.shape[1], q_offset) & same[:, None]
+
+
+class LoRADense(nn.Module):
+    """`layers.dense` plus an optional low-rank update: y = x W + (alpha / rank) (x A) B.
+
+    A (`lora_a`, inputs -> rank) uses the kaiming-uniform init of the LoRA reference code; B (`lora_b`)
+    starts at zero, so a fresh adapter is the identity change. Both sit next to `kernel` in one scope.
+    """
+    features: int | tuple[int, ...]
+    kernel_axes: Sequence[str]
+    axis: int | tuple[int, ...] = -1
+    rank: int = 0
+    alpha: float = 16.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.base = layers.dense(self.features, self.kernel_axes, axis=self.axis, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+        nn.share_scope(self, self.base)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        if self.rank == 0:
+            return y
+        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
+        in_shape = x.shape[x.ndim - n_in:]
+        out_shape = self.features if isinstance(self.features, tuple) else (self.features,)
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                                  in_axis=tuple(range(n_in)), out_axis=-1)
+        a = self.param("lora_a", layers.partitioned(a_init, (*self.kernel_axes[:n_in], LORA_RANK)),
+                       (*in_shape, self.rank), self.param_dtype)
+        b = self.param("lora_b", layers.partitioned(nn.initializers.zeros_init(),
+                                                    (LORA_RANK, *self.kernel_axes[n_in:])),
+                       (self.rank, *out_shape), self.param_dtype)
+        low = jnp.tensordot(x.astype(self.dtype), a.astype(self.dtype), axes=n_in)
+        update = jnp.tensordot(low, b.astype(self.dtype), axes=1)
+        return y + (self.alpha / self.rank) * update
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+                 decode: bool) -> jax.Array:
+        cfg = self.config
+        proj = functools.partial(LoRADense, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype)
+        q_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.ACT_HEAD_DIM)
+        kv_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_KV_HEADS, sh.ACT_HEAD_DIM)
+        q = proj((cfg.num_heads, cfg.head_dim), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), name="q")(x)
+        k = proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), name="k")(x)
+        v = proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), name="v")(x)
+        q = nn.with_logical_constraint(apply_rotary(q, cos, sin), q_axes)
+        k = nn.with_logical_constraint(apply_rotary(k, cos, sin), kv_axes)
+        v = nn.with_logical_constraint(v, kv_axes)
+
+        kv_segments, q_offset = segment_ids, 0
+        if decode:
+            # Created zero-filled on the first (init) call; later calls write at cache_index.
+            initialized = self.has_variable("cache", "cached_key")
+            batch, length = segment_ids.shape
+            slots = (batch, cfg.max_cache_length)
+            cached_key = self.variable("cache", "cached_key", jnp.zeros,
+                                       (*slots, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+            cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                         (*slots, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+            cached_segment = self.variable("cache", "cached_segment", jnp.zeros, slots, jnp.int32)
+            cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            if initialized:
+                index = cache_index.value
+                cached_key.value = jax.lax.dynamic_update_slice(
+                    cached_key.value, k.astype(cfg.dtype), (0, index, 0, 0))
+                cached_value.value = jax.lax.dynamic_update_slice(
+                    cached_value.value, v.astype(cfg.dtype), (0, index, 0, 0))
+                cached_segment.value = jax.lax.dynamic_update_slice(
+                    cached_segment.value, segment_ids.astype(jnp.int32), (0, index))
+                cache_index.value = index + length
+                k = nn.with_logical_constraint(cached_key.value, kv_axes)
+                v = nn.with_logical_constraint(cached_value.value, kv_axes)
+                kv_segments, q_offset = cached_segment.value, index
+
+        mask = attention_mask(segment_ids, kv_segments, q_offset)
+        out = layers.dot_product_attention(q, k, v, mask, dtype=cfg.dtype)
+        out = nn.with_logical_constraint(out, q_axes)
+        return proj(cfg.hidden_size, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), name="o")(out)
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = functools.partial(layers.dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        gate = dense(cfg.intermediate_size, (sh.EMBED, sh.MLP), name="gate")(x)
+        up = dense(cfg.intermediate_size, (sh.EMBED, sh.MLP), name="up")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
+        return dense(cfg.hidden_size, (sh.MLP, sh.EMBED), name="down")(h)
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)). Scan-shaped: returns (x, None)."""
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+                 decode: bool) -> tuple[jax.Array, None]:
+        cfg = self.config
+        act_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)
+        norm = functools.partial(layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype)
+        h = x + LlamaAttention(cfg, name="attn")(norm(name="input_norm")(x), cos, sin, segment_ids, decode)
+        h = nn.with_logical_constraint(h, act_axes)
+        out = h + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_norm")(h))
+        return nn.with_logical_constraint(out, act_axes), None
+
+
+class LlamaDecoder(nn.Module):
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=layers.partitioned(nn.initializers.normal(0.02), (sh.VOCAB, sh.EMBED)))
+        # `decode` (5th argument counting self) must stay a Python bool under remat.
+        self.layers = layers.scan_blocks(LlamaBlock, num_layers=cfg.num_layers,
+                                         remat_policy=cfg.remat_policy, static_argnums=(5,))(cfg)
+        self.norm = layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.lm_head = layers.dense(cfg.vocab_size, (sh.EMBED, sh.VOCAB), dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, L] int token ids -> [B, L, D] embeddings in the compute dtype."""
+        chex.assert_rank(tokens, 2)
+        return nn.with_logical_constraint(self.embed_tokens(tokens),
+                                          (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+
+    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 *, decode: bool = False) -> jax.Array:
+        """Hidden states after the final RMSNorm, [B, L, D].
+
+        positions [B, L] are the RoPE positions. segment_ids [B, L]: tokens attend causally to earlier
+        tokens with the same non-zero id (packing); 0 marks padding; None means one segment per row.
+        With decode=True the tokens are appended to the KV cache (see the module docstring).
+        """
+        cfg = self.config
+        chex.assert_shape(inputs_embeds, (None, None, cfg.hidden_size))
+        chex.assert_shape(positions, inputs_embeds.shape[:2])
+        if segment_ids is None:
+            segment_ids = jnp.ones(positions.shape, jnp.int32)
+        chex.assert_shape(segment_ids, inputs_embeds.shape[:2])
+        x = nn.with_logical_constraint(inputs_embeds.astype(cfg.dtype),
+                                       (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x, _ = self.layers(x, cos, sin, segment_ids, decode)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, L, D] -> [B, L, V] float32 logits."""
+        chex.assert_shape(hidden, (None, None, self.config.hidden_size))
+        logits = self.lm_head(hidden).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
+
+    def forward(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                *, decode: bool = False) -> jax.Array:
+        """Token ids -> float32 logits via embed, __call__, logits; touches every parameter (use for init)."""
+        return self.logits(self(self.embed(tokens), positions, segment_ids, decode=decode))
+
+
+def init_cache(config: LlamaConfig, batch_size: int) -> dict[str, Any]:
+    """A zero KV cache (the `cache` collection) for `batch_size` rows, without initialising parameters."""
+    dummy = jax.ShapeDtypeStruct((batch_size, 1, config.hidden_size), config.dtype)
+    positions = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda x, p: LlamaDecoder(config).init(jax.random.key(0), x, p, decode=True)["cache"],
+        dummy, positions)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
