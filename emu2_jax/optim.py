@@ -1,0 +1,129 @@
+"""The optimizer of every training stage.
+
+AdamW with one peak learning rate per parameter group (`visual` encoder, `projector` = connector +
+project_down, `llm`), warmup then cosine / linear / constant decay, and global-norm clipping. Only the
+trainable parameters are handed to the optimizer: frozen components (and, with LoRA, every LLM
+weight except the adapters) keep no optimizer state and are never differentiated.
+
+    trainable, frozen = split_params(params, is_trainable)
+    tx, schedules = create_optimizer(config.optimizer, total_steps)
+    opt_state = tx.init(trainable)
+    params = merge_params(new_trainable, frozen)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import traverse_util
+
+from emu2_jax.models.emu2 import COMPONENTS
+
+PyTree = Any
+Path = tuple[str, ...]
+
+# Parameter group (one peak learning rate each) of every top-level component.
+GROUP_OF_COMPONENT = {"visual": "visual", "connector": "projector", "project_down": "projector", "llm": "llm"}
+GROUPS = ("visual", "projector", "llm")
+LORA_PARAMS = ("lora_a", "lora_b")
+# Leaf names that get weight decay: matrices, not norms, biases, embeddings or position tables.
+_DECAYED = ("kernel",) + LORA_PARAMS
+
+
+def trainable_predicate(trainable_components: Sequence[str], lora: bool) -> Callable[[Path], bool]:
+    """Says from a parameter path whether it is trained.
+
+    trainable_components: top-level names (COMPONENTS) that train; the rest is frozen.
+    lora: train only the LoRA adapters inside `llm` (the LLM's own weights stay frozen).
+    """
+    unknown = set(trainable_components) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown trainable components {sorted(unknown)}; expected a subset of {COMPONENTS}")
+
+    def is_trainable(path: Path) -> bool:
+        if path[0] not in trainable_components:
+            return False
+        return not (lora and path[0] == "llm" and path[-1] not in LORA_PARAMS)
+
+    return is_trainable
+
+
+def split_params(params: Mapping[str, Any], is_trainable: Callable[[Path], bool]) -> tuple[dict, dict]:
+    """(trainable, frozen): two disjoint nested dicts that `merge_params` puts back together."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    if not trainable:
+        raise ValueError("no trainable parameters: check `trainable` (and LoRA) in the config")
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
+                                         **traverse_util.flatten_dict(trainable)})
+
+
+def _tree_of_paths(tree: PyTree, fn: Callable[[Path], Any]) -> PyTree:
+    """fn(path of dict keys) at every leaf; works inside optax wrappers (masked nodes have no leaves)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: fn(tuple(k.key for k in path)), tree)
+
+
+def param_groups(tree: PyTree) -> PyTree:
+    """The learning-rate group ('visual', 'projector' or 'llm') of every leaf of a params (sub)tree."""
+    return _tree_of_paths(tree, lambda path: GROUP_OF_COMPONENT[path[0]])
+
+
+def decay_mask(tree: PyTree) -> PyTree:
+    return _tree_of_paths(tree, lambda path: path[-1] in _DECAYED)
+
+
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """`warmup_steps` when set (>= 0), else `warmup_ratio` of the run."""
+    if config.warmup_steps >= 0:
+        return int(config.warmup_steps)
+    return int(round(config.warmup_ratio * total_steps))
+
+
+def make_schedule(config: ml_collections.ConfigDict, peak: float, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then `decay` (cosine | linear | constant) to peak * end_factor."""
+    warmup = min(warmup_steps(config, total_steps), total_steps)
+    end = peak * config.end_lr_factor
+    remaining = max(total_steps - warmup, 1)
+    if config.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, remaining, alpha=config.end_lr_factor)
+    elif config.decay == "linear":
+        decay = optax.linear_schedule(peak, end, remaining)
+    elif config.decay == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"decay={config.decay!r}; expected 'cosine', 'linear' or 'constant'")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                     ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+    """AdamW over the trainable subtree, one schedule per group; returns (tx, {group: schedule}).
+
+    config: the stage config's `optimizer` block (b1, b2, eps, weight_decay, grad_clip_norm,
+    learning_rate.{visual,projector,llm}, warmup_steps / warmup_ratio, decay, end_lr_factor).
+    """
+    schedules = {g: make_schedule(config, float(config.learning_rate[g]), total_steps) for g in GROUPS}
+    per_group = {
+        g: optax.adamw(schedules[g], b1=config.b1, b2=config.b2, eps=config.eps,
+                       weight_decay=config.weight_decay, mask=decay_mask)
+        for g in GROUPS
+    }
+    chain = []
+    if config.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    chain.append(optax.transforms.partition(per_group, param_groups))
+    return optax.chain(*chain), schedules
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """A scalar bool: every element of every leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
