@@ -5,6 +5,8 @@ Key layout (SPEC.md §6): `{prefix}patch_embed.proj.{weight,bias}`, `{prefix}cls
 `...attn.q_bias`, `...attn.v_bias`, `...attn.proj.*`, `...norm2.*`, `...mlp.fc1.*`, `...mlp.fc2.*` and,
 only with `config.final_norm`, `{prefix}norm.*`. Prefixes: "" (timm), "visual." (Emu2 native),
 "model.visual." (HF Emu2).
+EVA-02 variants as timm saves them: unfused `attn.{q,k,v}_proj` (timm's `qkv_fused=False`), SwiGLU as
+`mlp.fc1_g` / `mlp.fc1_x` or packed `mlp.fc1` ([gate | x] rows), sub-LN `attn.norm` / `mlp.norm`.
 
 Ignored on purpose: keys outside `prefix` (LLM, projector, ...); timm's `attn.k_bias` (a zero buffer,
 present only in state dicts saved with non-persistent buffers); timm's classifier `head.*` and pooled
@@ -40,26 +42,55 @@ class _Reader:
         self.used.add(key)
         return value
 
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.state_dict
+
 
 def _layer_norm(read: _Reader, name: str, width: int) -> dict[str, np.ndarray]:
     return {"scale": read(f"{name}.weight", (width,)), "bias": read(f"{name}.bias", (width,))}
 
 
-def _block(read: _Reader, i: int, cfg: VisionConfig) -> dict:
-    e, h, d, m = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-    p = f"blocks.{i}."
+def _attention(read: _Reader, p: str, cfg: VisionConfig) -> dict:
+    e, h, d = cfg.width, cfg.num_heads, cfg.head_dim
     # torch Linear weight [out, in]; the fused qkv rows are [Q | K | V], each head-major.
-    qkv = read(p + "attn.qkv.weight", (3 * e, e)).T.reshape(e, 3, h, d)
-    attn = {name: {"kernel": qkv[:, j]} for j, name in enumerate(("q", "k", "v"))}
+    if read.has(p + "qkv.weight") or not read.has(p + "q_proj.weight"):
+        kernels = read(p + "qkv.weight", (3 * e, e)).T.reshape(e, 3, h, d).transpose(1, 0, 2, 3)
+        biases = ("q_bias", "v_bias")
+    else:
+        kernels = [read(f"{p}{n}_proj.weight", (e, e)).T.reshape(e, h, d) for n in "qkv"]
+        biases = ("q_proj.bias", "v_proj.bias")
+    attn = {name: {"kernel": kernel} for name, kernel in zip("qkv", kernels)}
     if cfg.qkv_bias:
-        attn["q"]["bias"] = read(p + "attn.q_bias", (e,)).reshape(h, d)
-        attn["v"]["bias"] = read(p + "attn.v_bias", (e,)).reshape(h, d)
-    attn["proj"] = {"kernel": read(p + "attn.proj.weight", (e, e)).T.reshape(h, d, e),
-                    "bias": read(p + "attn.proj.bias", (e,))}
-    mlp = {"fc1": {"kernel": read(p + "mlp.fc1.weight", (m, e)).T, "bias": read(p + "mlp.fc1.bias", (m,))},
-           "fc2": {"kernel": read(p + "mlp.fc2.weight", (e, m)).T, "bias": read(p + "mlp.fc2.bias", (e,))}}
-    return {"norm1": _layer_norm(read, p + "norm1", e), "attn": attn,
-            "norm2": _layer_norm(read, p + "norm2", e), "mlp": mlp}
+        attn["q"]["bias"] = read(p + biases[0], (e,)).reshape(h, d)
+        attn["v"]["bias"] = read(p + biases[1], (e,)).reshape(h, d)
+    if cfg.sub_ln:
+        attn["norm"] = _layer_norm(read, p + "norm", e)
+    attn["proj"] = {"kernel": read(p + "proj.weight", (e, e)).T.reshape(h, d, e), "bias": read(p + "proj.bias", (e,))}
+    return attn
+
+
+def _mlp(read: _Reader, p: str, cfg: VisionConfig) -> dict:
+    e, m = cfg.width, cfg.mlp_dim
+    dense = lambda name, n_out, n_in: {"kernel": read(f"{p}{name}.weight", (n_out, n_in)).T,
+                                       "bias": read(f"{p}{name}.bias", (n_out,))}
+    if not cfg.swiglu:
+        mlp = {"fc1": dense("fc1", m, e)}
+    elif read.has(p + "fc1.weight"):  # timm's packed SwiGLU (GluMlp): rows [gate | x]
+        packed = dense("fc1", 2 * m, e)
+        mlp = {name: {k: np.split(v, 2, axis=-1)[j] for k, v in packed.items()}
+               for j, name in enumerate(("fc1_g", "fc1_x"))}
+    else:
+        mlp = {"fc1_g": dense("fc1_g", m, e), "fc1_x": dense("fc1_x", m, e)}
+    if cfg.sub_ln:
+        mlp["norm"] = _layer_norm(read, p + "norm", m)
+    mlp["fc2"] = dense("fc2", e, m)
+    return mlp
+
+
+def _block(read: _Reader, i: int, cfg: VisionConfig) -> dict:
+    p = f"blocks.{i}."
+    return {"norm1": _layer_norm(read, p + "norm1", cfg.width), "attn": _attention(read, p + "attn.", cfg),
+            "norm2": _layer_norm(read, p + "norm2", cfg.width), "mlp": _mlp(read, p + "mlp.", cfg)}
 
 
 def _stack(trees: list[dict]) -> dict:

@@ -5,6 +5,10 @@ attention scheme (q and v biases, no k bias). `post_norm=True` is Emu2's "residu
 block, x + LN(attn(x)) then x + LN(mlp(x)); `post_norm=False` is the usual pre-norm block.
 The output is the full token sequence after the last block (CLS first, then patches row-major),
 optionally followed by a final LayerNorm: Emu2's tower has none (SPEC.md §1).
+
+The other EVA-02 ingredients (2D RoPE on patch tokens, SwiGLU MLP, sub-LN) are optional and off
+for Emu2 and Emu v1; they follow timm's `Eva` (`use_rot_pos_emb`, `swiglu_mlp`, `scale_mlp` +
+`scale_attn_inner`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from emu2_jax import sharding as sh
@@ -32,6 +37,10 @@ class VisionConfig:
     mlp_dim: int = 15360
     qkv_bias: bool = True        # q and v biases; k has none (EVA scheme)
     post_norm: bool = True       # x + LN(attn(x)) (Emu2); False: x + attn(LN(x))
+    use_rope: bool = False       # EVA-02 2D RoPE on the patch tokens' q and k (not on CLS)
+    rope_ref_grid: int | None = None  # rescale RoPE positions to this pretraining grid (timm ref_feat_shape)
+    swiglu: bool = False         # SiLU(fc1_g(x)) * fc1_x(x) -> fc2 instead of fc1 -> GELU -> fc2
+    sub_ln: bool = False         # LayerNorm before attn.proj and before mlp.fc2
     layer_norm_eps: float = 1e-6
     final_norm: bool = False     # Emu2 has none
     dtype: Any = jnp.float32
@@ -43,6 +52,8 @@ class VisionConfig:
             raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.use_rope and self.head_dim % 4:
+            raise ValueError(f"use_rope needs head_dim={self.head_dim} divisible by 4")
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
 
@@ -59,6 +70,33 @@ class VisionConfig:
         return self.grid_size ** 2
 
 
+def rope_sin_cos(cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """sin, cos [grid**2, head_dim] of EVA-02's 2D RoPE (timm `RotaryEmbeddingCat`, interleaved pairs).
+
+    The first half of each head's channels rotates with the patch row, the second half with the
+    column, at frequencies 10000^(-k / (head_dim / 4)), k < head_dim / 4.
+    """
+    g, quarter = cfg.grid_size, cfg.head_dim // 4
+    bands = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float32) / quarter)
+    pos = np.arange(g, dtype=np.float32)
+    if cfg.rope_ref_grid is not None:
+        pos = pos / g * cfg.rope_ref_grid
+    angles = pos[:, None] * bands                                   # [g, quarter]
+    rows = np.broadcast_to(angles[:, None, :], (g, g, quarter))
+    cols = np.broadcast_to(angles[None, :, :], (g, g, quarter))
+    angles = np.concatenate([rows, cols], axis=-1).reshape(g * g, 2 * quarter)
+    angles = np.repeat(angles, 2, axis=-1)                           # pairs (2i, 2i + 1) share an angle
+    return np.sin(angles), np.cos(angles)
+
+
+def _apply_rope(x: jax.Array, sin: np.ndarray, cos: np.ndarray) -> jax.Array:
+    """Rotates channel pairs (2i, 2i + 1) of x [B, N, H, D] by the per-position angles (in float32)."""
+    x32 = x.astype(jnp.float32)
+    pairs = x32.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
 class EvaAttention(nn.Module):
     """Multi-head self-attention without mask; q/v biases only (EVA's k bias is fixed at zero)."""
     config: VisionConfig
@@ -72,22 +110,36 @@ class EvaAttention(nn.Module):
         q = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="q")(x), head_axes)
         k = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=False, name="k")(x), head_axes)
         v = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="v")(x), head_axes)
+        if cfg.use_rope:
+            sin, cos = rope_sin_cos(cfg)
+            q, k = (jnp.concatenate([t[:, :1], _apply_rope(t[:, 1:], sin, cos)], axis=1) for t in (q, k))
         out = layers.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, dtype=cfg.dtype)
         out = nn.with_logical_constraint(out, head_axes)
+        if cfg.sub_ln:  # LayerNorm over all heads' channels together
+            normed = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                       name="norm")(out.reshape(*out.shape[:2], cfg.width))
+            out = normed.reshape(out.shape)
         return layers.dense(cfg.width, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), use_bias=True,
                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj")(out)
 
 
 class EvaMlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2, as torch's nn.GELU()."""
+    """fc1 -> exact (erf) GELU, as torch's nn.GELU() (or SwiGLU) -> [sub-LN] -> fc2."""
     config: VisionConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = layers.dense(cfg.mlp_dim, (sh.EMBED, sh.MLP), use_bias=True, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, name="fc1")(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
+        fc1 = lambda name: layers.dense(cfg.mlp_dim, (sh.EMBED, sh.MLP), use_bias=True, dtype=cfg.dtype,
+                                        param_dtype=cfg.param_dtype, name=name)
+        if cfg.swiglu:
+            h = nn.silu(fc1("fc1_g")(x)) * fc1("fc1_x")(x)
+        else:
+            h = nn.gelu(fc1("fc1")(x), approximate=False)
+        h = nn.with_logical_constraint(h, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
+        if cfg.sub_ln:
+            h = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                  name="norm")(h)
         return layers.dense(cfg.width, (sh.MLP, sh.EMBED), use_bias=True, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, name="fc2")(h)
 

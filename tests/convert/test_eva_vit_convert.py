@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from emu2_jax.convert.eva_vit import convert_eva_vit
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
-from tests.models.test_eva_vit import POST_NORM, PRE_NORM, timm_eva, torch_state_dict
+from tests.models.test_eva_vit import EVA02_VARIANTS, POST_NORM, PRE_NORM, timm_eva, torch_state_dict
 
 
 def _init_params(cfg: VisionConfig) -> dict:
@@ -15,14 +15,20 @@ def _init_params(cfg: VisionConfig) -> dict:
     return nn.unbox(EvaVisionTransformer(cfg).init(jax.random.PRNGKey(0), images))["params"]
 
 
-@pytest.mark.parametrize("cfg", [
-    POST_NORM,
-    PRE_NORM,
-    VisionConfig(**{**POST_NORM.__dict__, "qkv_bias": False}),
-    VisionConfig(**{**PRE_NORM.__dict__, "param_dtype": jnp.bfloat16}),
-], ids=["post_norm", "pre_norm_final_norm", "no_qkv_bias", "bf16_params"])
-def test_converted_tree_matches_init(cfg):
-    params = convert_eva_vit(torch_state_dict(timm_eva(cfg)), cfg)
+_CASES = {
+    "post_norm": (POST_NORM, True),
+    "pre_norm_final_norm": (PRE_NORM, True),
+    "no_qkv_bias": (VisionConfig(**{**POST_NORM.__dict__, "qkv_bias": False}), True),
+    "bf16_params": (VisionConfig(**{**PRE_NORM.__dict__, "param_dtype": jnp.bfloat16}), True),
+    **{name: (VisionConfig(**{**POST_NORM.__dict__, **overrides}), fused)
+       for name, (overrides, fused) in EVA02_VARIANTS.items()},
+}
+
+
+@pytest.mark.parametrize("name", list(_CASES))
+def test_converted_tree_matches_init(name):
+    cfg, qkv_fused = _CASES[name]
+    params = convert_eva_vit(torch_state_dict(timm_eva(cfg, qkv_fused=qkv_fused)), cfg)
     expected = _init_params(cfg)
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
@@ -76,6 +82,15 @@ def test_final_norm_missing_raises():
     with pytest.raises(ValueError, match=r"missing key 'norm\.weight'"):
         convert_eva_vit(torch_state_dict(timm_eva(POST_NORM)), VisionConfig(**{**POST_NORM.__dict__,
                                                                                "final_norm": True}))
+
+
+def test_unfused_qkv_missing_key_raises():
+    overrides, _ = EVA02_VARIANTS["rope_swiglu_packed_unfused_qkv"]
+    cfg = VisionConfig(**{**POST_NORM.__dict__, **overrides})
+    sd = torch_state_dict(timm_eva(cfg, qkv_fused=False))
+    del sd["blocks.0.attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing key 'blocks\.0\.attn\.k_proj\.weight'"):
+        convert_eva_vit(sd, cfg)
 
 
 def test_wrong_shape_raises():

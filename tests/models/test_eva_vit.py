@@ -19,17 +19,20 @@ PRE_NORM = VisionConfig(image_size=28, patch_size=14, width=64, depth=2, num_hea
                         post_norm=False, final_norm=True)
 
 
-def timm_eva(cfg: VisionConfig, seed: int = 0) -> Eva:
+def timm_eva(cfg: VisionConfig, seed: int = 0, qkv_fused: bool = True) -> Eva:
     """timm's Eva built as the tower described by `cfg` (SPEC.md §1), with random weights everywhere.
 
     timm 1.0.x: `use_post_transformer_norm` switches the final `norm` (otherwise on by default when there
     is no fc_norm); num_classes=0 / global_pool='' / use_fc_norm=False remove the head and pooled norm.
     """
     torch.manual_seed(seed)
+    ref_grid = None if cfg.rope_ref_grid is None else (cfg.rope_ref_grid,) * 2
     model = Eva(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                 num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
-                use_post_norm=cfg.post_norm, use_rot_pos_emb=False, num_classes=0, global_pool="",
-                use_fc_norm=False, use_post_transformer_norm=cfg.final_norm,
+                qkv_fused=qkv_fused, use_post_norm=cfg.post_norm, use_rot_pos_emb=cfg.use_rope,
+                ref_feat_shape=ref_grid, swiglu_mlp=cfg.swiglu, scale_mlp=cfg.sub_ln,
+                scale_attn_inner=cfg.sub_ln, num_classes=0, global_pool="", use_fc_norm=False,
+                use_post_transformer_norm=cfg.final_norm,
                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps)).eval()
     # timm initialises LayerNorms and q/v biases trivially; randomise all so that every parameter matters.
     with torch.no_grad():
@@ -54,8 +57,8 @@ def _images(cfg: VisionConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, cfg.image_size, cfg.image_size)
 
 
-def _assert_parity(cfg: VisionConfig) -> float:
-    ref = timm_eva(cfg)
+def _assert_parity(cfg: VisionConfig, qkv_fused: bool = True) -> float:
+    ref = timm_eva(cfg, qkv_fused=qkv_fused)
     images = _images(cfg)
     with torch.no_grad():
         expected = ref.forward_features(images).numpy()
@@ -74,6 +77,21 @@ def test_eva_post_norm_parity():
 
 def test_eva_pre_norm_parity():
     _assert_parity(PRE_NORM)
+
+
+# EVA-02 ingredients. timm picks the MLP class from them: packed GluMlp for SwiGLU alone, split SwiGLU
+# with scale_mlp (sub-LN), Mlp + norm for sub-LN alone; its EVA-02 models use unfused q/k/v projections.
+EVA02_VARIANTS = {
+    "rope_swiglu_packed_unfused_qkv": (dict(post_norm=False, use_rope=True, rope_ref_grid=4, swiglu=True), False),
+    "rope_swiglu_subln": (dict(post_norm=False, use_rope=True, swiglu=True, sub_ln=True, final_norm=True), True),
+    "post_norm_subln_gelu": (dict(sub_ln=True), True),
+}
+
+
+@pytest.mark.parametrize("name", list(EVA02_VARIANTS))
+def test_eva02_variant_parity(name):
+    overrides, qkv_fused = EVA02_VARIANTS[name]
+    _assert_parity(VisionConfig(**{**POST_NORM.__dict__, **overrides}), qkv_fused=qkv_fused)
 
 
 def _init(cfg: VisionConfig):
