@@ -33,8 +33,11 @@ def create_manager(workdir: str | epath.Path, *, save_every_steps: int, keep: in
                    async_save: bool = True) -> ocp.CheckpointManager:
     """A manager saving every `save_every_steps` steps (and on preemption), keeping the last `keep`."""
     data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every_steps,
+        # Multiples of save_every_steps and preemptions only (no save at a run's first step).
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every_steps), policies.PreemptionCheckpointingPolicy()]),
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True,

@@ -127,3 +127,19 @@ def all_finite(tree: PyTree) -> jax.Array:
     """A scalar bool: every element of every leaf is finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def opt_state_shardings(abstract_opt_state: PyTree, param_shardings: Mapping[str, Any],
+                        replicated: jax.sharding.Sharding) -> PyTree:
+    """Shardings for an optimizer state: each per-parameter leaf (Adam's mu, nu) is sharded like its
+    parameter, found by the trailing dict keys of its path; counts and other leaves are replicated."""
+    by_path = traverse_util.flatten_dict(param_shardings)
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            if keys[i:] in by_path and leaf.ndim > 0:
+                return by_path[keys[i:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)

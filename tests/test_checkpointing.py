@@ -1,0 +1,126 @@
+"""Checkpoints: resharding restore, keep-K, per-process data state, params-only init_from, SIGTERM."""
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emu2_jax import checkpointing, optim
+from emu2_jax import sharding as sh
+
+
+def _state(mesh):
+    fsdp = NamedSharding(mesh, P("fsdp", None))
+    params = {"visual": {"pos_embed": jnp.arange(17 * 4, dtype=jnp.float32).reshape(1, 17, 4)},
+              "llm": {"w": {"kernel": jax.device_put(jnp.arange(64.0).reshape(8, 8), fsdp)}},
+              "project_down": {"kernel": jnp.ones((8, 2))}}
+    config = ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0, grad_clip_norm=1.0, learning_rate=dict(
+            visual=1.0, projector=1.0, llm=1.0), warmup_steps=0, warmup_ratio=0.0, decay="constant",
+        end_lr_factor=0.0))
+    tx, _ = optim.create_optimizer(config, 10)
+    trainable, _ = optim.split_params(params, optim.trainable_predicate(("llm", "project_down"), lora=False))
+    opt_state = tx.init(trainable)
+    opt_state = jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x, opt_state)
+    return {"step": jnp.array(7, jnp.int32), "params": params, "opt_state": opt_state}
+
+
+def _manager(workdir, **kw):
+    return checkpointing.create_manager(workdir, save_every_steps=kw.pop("every", 1), keep=kw.pop("keep", 2), **kw)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    state = _state(sh.create_mesh((1, 8, 1)))
+    manager = _manager(tmp_path)
+    assert checkpointing.save_checkpoint(manager, 7, state, {"epoch": 1, "position": 12},
+                                         ml_collections.ConfigDict({"seed": 3, "mesh_shape": (1, -1, 1)}))
+    manager.wait_until_finished()
+
+    mesh = sh.create_mesh((2, 2, 2))
+    target = jax.tree.map(lambda x: NamedSharding(mesh, P(("data", "fsdp")) if x.ndim and x.shape[0] % 4 == 0
+                                                  else P()), state)
+    restored_manager = _manager(tmp_path)
+    assert restored_manager.latest_step() == 7
+    restored, data_state = checkpointing.restore_checkpoint(
+        restored_manager, 7, checkpointing.abstract_like(state, target))
+    assert data_state == {"epoch": 1, "position": 12}
+    for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(target)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == sharding
+    kernel = restored["params"]["llm"]["w"]["kernel"]
+    assert kernel.sharding.spec == P(("data", "fsdp")) and len(kernel.addressable_shards) == 8
+    files = os.listdir(tmp_path / "checkpoints" / "7" / "data")
+    assert "process_0-of-1.json" in files
+    config = json.loads((tmp_path / "checkpoints" / "7" / "config" / "config.json").read_text())
+    assert config == {"seed": 3, "mesh_shape": [1, -1, 1]}
+
+
+def test_save_interval_and_keep_last_k(tmp_path):
+    state = _state(sh.create_mesh((1, 8, 1)))
+    manager = _manager(tmp_path, every=2, keep=2, async_save=False)
+    config = ml_collections.ConfigDict()
+    saved = [s for s in range(1, 8) if checkpointing.save_checkpoint(manager, s, state, {}, config)]
+    manager.wait_until_finished()
+    assert saved == [2, 4, 6]
+    assert manager.all_steps() == [4, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
+
+
+def _abstract(params, mesh):
+    return checkpointing.abstract_like(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params))
+
+
+def test_load_params_selects_components_and_resizes_pos_embed(tmp_path):
+    mesh = sh.create_mesh((1, 8, 1))
+    params = jax.tree.map(np.asarray, _state(mesh)["params"])
+    checkpointing.save_params(tmp_path / "converted", params)
+    abstract = _abstract(params, mesh)
+    loaded = checkpointing.load_params(str(tmp_path / "converted"), abstract, ["llm"])
+    assert set(loaded) == {"llm"}
+    np.testing.assert_array_equal(loaded["llm"]["w"]["kernel"], params["llm"]["w"]["kernel"])
+
+    # A 4x4-grid position table restored into a model with an 8x8 grid: CLS kept, grid resized.
+    abstract["visual"]["pos_embed"] = jax.ShapeDtypeStruct((1, 65, 4), jnp.float32,
+                                                           sharding=NamedSharding(mesh, P()))
+    resized = checkpointing.load_params(str(tmp_path / "converted"), abstract, ["visual"])["visual"]["pos_embed"]
+    assert resized.shape == (1, 65, 4)
+    np.testing.assert_array_equal(resized[0, 0], params["visual"]["pos_embed"][0, 0])
+    grid = np.asarray(resized[0, 1:]).reshape(8, 8, 4)
+    old = params["visual"]["pos_embed"][0, 1:].reshape(4, 4, 4)
+    np.testing.assert_allclose(grid.mean(axis=(0, 1)), old.mean(axis=(0, 1)), rtol=0.02)
+    assert np.all(np.diff(grid[:, 0, 0]) > 0)  # the table increased along rows; so does its resize
+
+    abstract["project_down"]["kernel"] = jax.ShapeDtypeStruct((8, 3), jnp.float32,
+                                                              sharding=NamedSharding(mesh, P()))
+    with pytest.raises(ValueError, match=r"project_down/kernel has shape \(8, 2\).*expects \(8, 3\)"):
+        checkpointing.load_params(str(tmp_path / "converted"), abstract, ["project_down"])
+    with pytest.raises(ValueError, match=r"no component\(s\) \['connector'\]"):
+        checkpointing.load_params(str(tmp_path / "converted"), {**abstract, "connector": {}}, ["connector"])
+
+
+def test_load_params_from_a_training_workdir(tmp_path):
+    mesh = sh.create_mesh((1, 8, 1))
+    state = _state(mesh)
+    manager = _manager(tmp_path, async_save=False)
+    for step in (3, 5):
+        state["params"]["project_down"]["kernel"] = jnp.full((8, 2), float(step))
+        checkpointing.save_checkpoint(manager, step, state, {}, ml_collections.ConfigDict())
+    manager.wait_until_finished()
+    loaded = checkpointing.load_params(str(tmp_path), _abstract(state["params"], mesh), ["project_down"])
+    np.testing.assert_array_equal(loaded["project_down"]["kernel"], np.full((8, 2), 5.0))
+
+
+def test_sigterm_sets_the_preemption_flag(tmp_path):
+    watcher = checkpointing.PreemptionWatcher(_manager(tmp_path))
+    try:
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.reached(2)
+    finally:
+        watcher.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
