@@ -1,0 +1,1 @@
+"""The embedded dataset shipped with the package (see README.md)."""

@@ -1,0 +1,68 @@
+"""Shared fixtures of the data tests: tokenizers, a per-session TFDS cache and small corpus files
+in the formats the real datasets ship in."""
+import io
+import json
+import pathlib
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emu2_jax.data import tokenizer as tk
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The Meta-licensed LLaMA tokenizer is never shipped: CI places shared/ next to the clone.
+LLAMA_TOKENIZER = REPO_ROOT.parent / "shared" / "llama_tokenizer" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tk.load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def llama_tok_path():
+    if not LLAMA_TOKENIZER.is_file():
+        pytest.skip(f"LLaMA tokenizer not found at {LLAMA_TOKENIZER} (shared/ beside the repo)")
+    return LLAMA_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One TFDS cache per test session (the embedded dataset builds once, in a tmp dir)."""
+    return str(tmp_path_factory.mktemp("tfds_cache"))
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(40, 30), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def write_jsonl(path: pathlib.Path, rows: list) -> str:
+    with open(path, "wb") as f:
+        for row in rows:
+            f.write(row if isinstance(row, bytes) else json.dumps(row).encode())
+            f.write(b"\n")
+    return str(path)
+
+
+GOOD = jpeg_bytes()
+TRUNCATED = GOOD[: len(GOOD) // 2]
+GARBAGE = b"this is not an image at all"
+NOT_UTF8 = "café".encode("latin-1")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
