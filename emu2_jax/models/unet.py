@@ -162,7 +162,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> UNet
     def per_block(value: Any) -> tuple[int, ...]:
         return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
-    unsupported = {"class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+    only_supported = {"class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
                    "dual_cross_attention": False, "only_cross_attention": False, "upcast_attention": False,
                    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
                    "attention_type": "default", "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -170,7 +170,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> UNet
                    "downsample_padding": 1, "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
                    "reverse_transformer_layers_per_block": None, "cross_attention_norm": None,
                    "time_embedding_dim": None, "timestep_post_act": None}
-    for key, supported in unsupported.items():
+    for key, supported in only_supported.items():
         if cfg.get(key, supported) != supported:
             raise ValueError(f"diffusers UNet config {key}={cfg[key]!r} is not supported (only {supported!r})")
     if not isinstance(cfg.get("layers_per_block", 2), int):

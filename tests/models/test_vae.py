@@ -82,3 +82,15 @@ def test_every_param_has_logical_axes():
     nn.logical_to_mesh(specs, sh.LOGICAL_RULES)
     n_params = sum(x.size for x in flat_shapes)
     assert 83e6 < n_params < 84e6, n_params  # the SD/SDXL VAE has 83.65M parameters
+
+
+def test_remat_matches():
+    model = torch_vae(TINY_VAE_DIFFUSERS)
+    params = convert_vae(state_dict_np(model), vae_lib.vae_config_from_diffusers(model.config))
+    image = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3), minval=-1, maxval=1)
+    outs = []
+    for policy in ("none", "full"):
+        ae = vae_lib.AutoencoderKL(vae_lib.vae_config_from_diffusers(model.config, remat_policy=policy))
+        outs.append(jax.jit(ae.apply)({"params": params}, image))
+    assert outs[0].shape == (1, 8, 8, 3)
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
