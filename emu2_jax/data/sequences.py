@@ -556,6 +556,10 @@ def check_batch(batch: Mapping[str, np.ndarray], tokenizer: tk.Tokenizer, n_quer
             assert e - s - 1 == want and (tokens[s + 1:e] == holder).all(), (
                 f"row {b}: visual {slot} at {s} is not a full run of {want} placeholders")
             assert seg[s] == seg[e] != 0, f"row {b}: visual {slot} crosses a segment boundary"
+        index = np.arange(len(seg))
+        starts = np.maximum.accumulate(np.where(np.append(True, seg[1:] != seg[:-1]), index, 0))
+        assert (batch["positions"][b] == np.where(seg > 0, index - starts, 0)).all(), (
+            f"row {b}: positions do not count from 0 in each segment")
         nxt_same = np.append(seg[1:] == seg[:-1], False) & (seg != 0)
         text, regress = batch["text_loss_mask"][b] > 0, batch["image_loss_mask"][b] > 0
         assert not (text & ~nxt_same).any(), f"row {b}: text loss across a segment boundary"

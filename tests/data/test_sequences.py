@@ -375,3 +375,7 @@ def test_check_batch_detects_broken_rows(ctx, tok):
     broken["text_loss_mask"][0, 1] = 1  # text loss on a placeholder
     with pytest.raises(AssertionError):
         sq.check_batch(broken, tok, NQ, VQ)
+    broken = {k: v.copy() for k, v in batch.items()}
+    broken["positions"][0, :len(pair)] += 1
+    with pytest.raises(AssertionError, match="positions"):
+        sq.check_batch(broken, tok, NQ, VQ)
