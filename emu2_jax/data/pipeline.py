@@ -152,7 +152,7 @@ def default_data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:
     cfg.num_workers = 0 if tiny else 8
     cfg.worker_buffer_size = 2
     cfg.read_threads = 1 if tiny else 4
-    cfg.read_buffer_size = 8 if tiny else 64
+    cfg.read_buffer_size = 8 if tiny else 16  # decoded examples held per source and worker
     cfg.shuffle = True
     cfg.num_epochs = 0
     cfg.resize_mode = "squash"

@@ -3,15 +3,17 @@ dataset shipped in `embedded/`.
 
 One builder per record kind; each takes a `SourceConfig` naming the on-disk format and paths:
 
-| kind        | formats                 | what is read                                              |
-|-------------|-------------------------|-----------------------------------------------------------|
-| pairs       | embedded, webdataset    | tar shards of `key.{jpg,png,webp}` + `key.txt` (or `key.json` with "caption"), as img2dataset writes LAION / CapsFusion |
-| videos      | embedded, webdataset    | tar shards of `key.txt` + frames `key.<n>.jpg` (pre-extracted, any count) |
-| interleaved | embedded, mmc4          | MMC4 jsonl (`text_list`, `image_info[].image_name/matched_text_index`) + an image folder |
-| grounded    | embedded, grit          | tar shards of `key.jpg` + `key.json` with GRIT's `caption` and `noun_chunks` ([start, end, x1, y1, x2, y2, score], box normalised) |
-| text        | embedded, jsonl         | jsonl with a "text" field (Pile style)                    |
-| chat        | embedded, llava         | LLaVA json/jsonl (`conversations` human/gpt, `<image>` tag, optional "image") + an image folder |
-| edits       | embedded, jsonl         | jsonl with "source", "target" (paths under image_dir) and "instruction" |
+- pairs (embedded, webdataset): tar shards of `key.{jpg,png,webp}` + `key.txt` (or `key.json`
+  with "caption"), as img2dataset writes LAION / CapsFusion;
+- videos (embedded, webdataset): tar shards of `key.txt` + pre-extracted frames `key.<n>.jpg`;
+- interleaved (embedded, mmc4): MMC4 jsonl (`text_list`, `image_info[].image_name` /
+  `matched_text_index`) + a folder with the downloaded images;
+- grounded (embedded, grit): tar shards of `key.jpg` + `key.json` with GRIT's `caption` and
+  `noun_chunks` ([start, end, x1, y1, x2, y2, score], boxes normalised to the image);
+- text (embedded, jsonl): jsonl with a "text" field (Pile);
+- chat (embedded, llava): LLaVA json / jsonl (`conversations` human/gpt turns, `<image>` tag,
+  optional "image") + an image folder;
+- edits (embedded, jsonl): jsonl with "source", "target" (paths under image_dir), "instruction".
 
 Records keep encoded image bytes and raw text bytes as plain `Tensor(dtype=object)` features, so
 neither writing nor reading needs TensorFlow; decoding and validation happen in the input

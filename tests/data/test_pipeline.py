@@ -270,3 +270,28 @@ def test_config_errors(make):
         make(config=cfg)
     with pytest.raises(ValueError, match="shard_index"):
         make(shard_index=2, shard_count=2)
+
+
+def _rows(source, n, examples_per_row, count=2):
+    def row(i):
+        examples = np.zeros(count, np.int64)
+        examples[source] = examples_per_row
+        return {"source": source, "index": i, "_examples": examples}
+    return grain.MapDataset.range(n).map(row).to_iter_dataset()
+
+
+@pytest.mark.parametrize("balance,expected", [("rows", (30, 10)), ("samples", (15, 25))])
+def test_mixing_by_rows_or_samples_and_exhaustion(balance, expected):
+    # source 0 packs 5 examples per row, source 1 one; weights 3:1 (of rows, or of examples: 75:25)
+    mixed = pl._MixRows([_rows(0, 1000, 5), _rows(1, 1000, 1)], [3, 1], balance)
+    it = iter(mixed)
+    first = [next(it) for _ in range(40)]
+    counts = [sum(r["source"] == k for r in first) for k in (0, 1)]
+    assert tuple(counts) == expected
+    state = it.get_state()
+    following = [(r["source"], r["index"]) for r in (next(it) for _ in range(10))]
+    again = iter(mixed)
+    again.set_state(state)
+    assert [(r["source"], r["index"]) for r in (next(again) for _ in range(10))] == following
+    finite = list(pl._MixRows([_rows(0, 3, 1), _rows(1, 5, 1)], [1, 1], balance))
+    assert [r["source"] for r in finite] == [0, 1, 0, 1, 0, 1, 1, 1]
