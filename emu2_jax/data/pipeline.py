@@ -255,11 +255,14 @@ class _Processor:
                                    regress_frames=self.opts.regress_images)
 
     def _interleaved(self, r, rng):
+        sentences = [self._utf8(s) for s in r["sentences"]]
+        if sum(map(len, sentences)) > self.opts.max_document_chars:
+            raise SkipExample("too_long", "document")
         return sq.build_interleaved(
-            self.ctx, [self._utf8(s) for s in r["sentences"]],
-            _LazyImages(r["images"], self._image), list(r["image_sentence"]), rng,
-            max_images=self.opts.interleaved_max_images, max_len=self.opts.interleaved_max_len,
-            image_first_prob=self.opts.image_first_prob, regress_images=self.opts.regress_images)
+            self.ctx, sentences, _LazyImages(r["images"], self._image),
+            list(r["image_sentence"]), rng, max_images=self.opts.interleaved_max_images,
+            max_len=self.opts.interleaved_max_len, image_first_prob=self.opts.image_first_prob,
+            regress_images=self.opts.regress_images)
 
     def _grounded(self, r, rng):
         return sq.build_grounded(self.ctx, self._utf8(r["caption"]), r["spans"], r["boxes"],

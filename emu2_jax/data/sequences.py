@@ -305,7 +305,8 @@ def grounding_groups(caption: str, spans: np.ndarray, boxes: np.ndarray
     groups: dict[tuple[int, int], list[np.ndarray]] = {}
     for (start, end), box in zip(spans.tolist(), boxes):
         if not 0 <= start < end <= len(caption) or not caption[start:end].strip():
-            raise SkipExample("bad_annotation", f"span {(start, end)} of a {len(caption)}-char caption")
+            raise SkipExample("bad_annotation",
+                              f"span {(start, end)} of a {len(caption)}-character caption")
         groups.setdefault((start, end), []).append(np.clip(box, 0.0, 1.0))
     out, last_end = [], 0
     for (start, end), grouped in sorted(groups.items()):

@@ -217,7 +217,9 @@ def bad_corpus(tmp_path):
     mmc4 = write_jsonl(tmp_path / "mmc4.jsonl", [
         {"text_list": ["Good sentence.", "Another."],
          "image_info": [{"image_name": "ok.jpg", "matched_text_index": 0},
-                        {"image_name": "missing.jpg", "matched_text_index": 1}]}])
+                        {"image_name": "missing.jpg", "matched_text_index": 1}]},
+        {"text_list": ["otter " * 20, "otter " * 20],  # 240 characters in all
+         "image_info": [{"image_name": "ok.jpg", "matched_text_index": 1}]}])
     cfg = pl.default_data_config("stage2", tiny=True)
     cfg.sources = {
         "pairs": pl._source("image_text", "webdataset", 1, paths=pairs),
@@ -238,13 +240,15 @@ def test_bad_input_is_counted_and_never_batched(make, tok, bad_corpus, caplog):
                    "too_long"):
         assert stats[f"data/skipped/{reason}"] > 0, reason
     assert stats["data/skipped/bad_image"] == stats["data/skipped/pairs/bad_image"]
-    assert stats["data/skipped/too_long"] == stats["data/skipped/pile/too_long"]
+    assert stats["data/skipped/too_long"] == (stats["data/skipped/pile/too_long"]
+                                              + stats["data/skipped/mmc4/too_long"])
     assert stats["data/ingest_skipped/missing_file"] == 1
     assert stats["data/examples"] > 0
     assert any("skipped so far for bad_image" in r.getMessage() for r in caplog.records)
     texts = " ".join(t for b in batches for t in segment_texts(tok, b))
     assert "good caption one" in texts and "A short good document." in texts
-    assert "zebra" not in texts and "giraffe" not in texts and "walrus" not in texts
+    for word in ("zebra", "giraffe", "walrus", "otter"):
+        assert word not in texts
     for b in batches:
         sq.check_batch(b, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])
 
