@@ -80,6 +80,63 @@ def event_proto(wall_time: float, step: int, *, file_version: str | None = None,
     return out
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes):
+    """(field number, value) of a serialized proto: ints, doubles/floats as bytes, nested as bytes."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        elif wire == 2:
+            size, pos = _read_varint(data, pos)
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, value
+
+
+def read_scalars(path: str) -> list[tuple[int, dict[str, float]]]:
+    """(step, {tag: value}) of every scalar event in an event file, checking each record's CRCs."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out, pos = [], 0
+    while pos < len(data):
+        header, (length_crc,) = data[pos:pos + 8], struct.unpack("<I", data[pos + 8:pos + 12])
+        (length,) = struct.unpack("<Q", header)
+        payload = data[pos + 12:pos + 12 + length]
+        (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+        if length_crc != _masked_crc(header) or payload_crc != _masked_crc(payload):
+            raise ValueError(f"{path}: corrupt record at byte {pos}")
+        pos += 16 + length
+        step, scalars = 0, {}
+        for number, value in _fields(payload):
+            if number == 2:
+                step = value
+            elif number == 5:
+                for _, summary_value in _fields(value):
+                    fields = dict(_fields(summary_value))
+                    if 2 in fields:
+                        scalars[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
+        if scalars:
+            out.append((step, scalars))
+    return out
+
+
 class SummaryWriter:
     """Appends scalar summaries to `<logdir>/events.out.tfevents.<time>.<host>`."""
 
@@ -180,7 +237,8 @@ class Throughput:
 
 
 def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> str:
-    """`step 120/1000 | loss 2.31 (text 2.31, image 0.00) | lr llm 3.0e-05 ... | ETA 4m10s`."""
+    """`step 120/1000 | loss 2.31 (text 2.31, image 0.00, acc 0.41) | lr llm 3.00e-05 ... | ETA 4m10s`;
+    the throughput parts appear when `values` has them (not for the first, compiling step)."""
     parts = [f"step {step}/{total_steps}",
              f"loss {values['loss']:.4f} (text {values['text_loss']:.4f}, image {values['image_loss']:.4f}, "
              f"acc {values['text_accuracy']:.3f})"]
@@ -188,7 +246,10 @@ def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> s
     if lrs:
         parts.append(f"lr {lrs}")
     parts.append(f"grad_norm {values['grad_norm']:.3f}")
-    parts.append(f"{values['tokens_per_sec']:.0f} tok/s, {values['images_per_sec']:.1f} img/s")
-    parts.append(f"MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "MFU n/a")
-    parts.append(f"ETA {format_duration(values['eta_seconds'])}")
+    if "tokens_per_sec" in values:
+        parts.append(f"{values['tokens_per_sec']:.0f} tok/s, {values['images_per_sec']:.1f} img/s")
+        parts.append(f"MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "MFU n/a")
+        parts.append(f"ETA {format_duration(values['eta_seconds'])}")
+    if values.get("nonfinite"):
+        parts.append(f"{values['nonfinite']:.0f} non-finite step(s) skipped")
     return " | ".join(parts)

@@ -1,0 +1,105 @@
+"""Fields every stage config shares, with their defaults (big_vision style).
+
+A stage file's `get_config(arg)` calls `base_config(...)`, then sets the paper's values for its
+stage (SPEC.md §8). `arg` is the `:variant` suffix of `--config=configs/<stage>.py:<variant>`:
+comma-separated flags such as `tiny` (a CPU-sized model and run on the embedded dataset) or a
+stage's phase (`hires`, `qft`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from emu2_jax.data import pipeline
+
+
+def parse_arg(arg: str | None, *known: str) -> set[str]:
+    """'tiny,hires' -> {'tiny', 'hires'}; unknown flags are an error naming the known ones."""
+    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    unknown = flags - set(known)
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}")
+    return flags
+
+
+def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = None
+                ) -> ml_collections.ConfigDict:
+    """Defaults of every field; `data_stage` names the data mixture when it differs from `stage`."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage                  # the config file's name (configs/<stage>.py)
+
+    # Model: a preset of emu2_jax.models.presets plus overrides handed to presets.get_config;
+    # nested blocks become dotted keys (model_overrides.llm.lora_rank -> 'llm.lora_rank').
+    c.model = "tiny" if tiny else model
+    c.model_overrides = ml_collections.ConfigDict()
+    c.model_overrides.dtype = "float32" if tiny else "bfloat16"  # compute dtype (papers: bf16)
+    c.model_overrides.param_dtype = "float32"                    # float32 master weights
+    c.model_overrides.remat_policy = "none" if tiny else "full"  # a key of models.layers.REMAT_POLICIES
+    # Top-level components that train (emu2.COMPONENTS); the others are frozen: no gradient, no
+    # optimizer state. With llm.lora_rank > 0 only the LoRA adapters of `llm` train.
+    c.trainable = ("visual", "connector", "llm", "project_down")
+
+    # Loss: text cross-entropy + visual-embedding regression (MSE), weighted.
+    c.text_loss_weight = 1.0
+    c.image_loss_weight = 1.0
+
+    # Optimizer: AdamW, one peak learning rate per group (optim.GROUPS).
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.05  # Emu2's is not given in the paper; Emu (v1)'s value
+    c.optimizer.grad_clip_norm = 5.0  # global-norm clipping; 0 disables
+    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(visual=1e-5, projector=1e-5, llm=1e-5))
+    c.optimizer.warmup_steps = -1    # >= 0 overrides warmup_ratio
+    c.optimizer.warmup_ratio = 0.0   # fraction of total_steps warming up linearly from 0
+    c.optimizer.decay = "cosine"     # cosine | linear | constant after the warmup
+    c.optimizer.end_lr_factor = 0.0  # final learning rate = peak * end_lr_factor
+
+    # Steps, batch and sequence layout.
+    c.total_steps = 10_000
+    c.global_batch_size = 1024       # rows per optimizer step, over all processes
+    c.grad_accum_steps = 1           # microbatches per step (each global_batch_size / grad_accum_steps rows)
+    c.seq_len = 2048
+    c.max_images_per_row = 8         # image / video-frame slots of a row
+    c.mesh_shape = (1, -1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices
+    c.seed = 0
+
+    # Data: the stage's mixture and its fields (emu2_jax.data.pipeline.default_data_config);
+    # data.tokenizer_path '' is the embedded tiny tokenizer.
+    c.data = pipeline.default_data_config(data_stage or stage, tiny)
+
+    # Checkpoints, logs and samples (in --workdir).
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.log_every_steps = 50
+    c.sample_every_steps = 1000      # greedy captions of sample images; 0 disables
+    c.num_samples = 8
+    c.sample_max_new_tokens = 48
+    c.sample_pairs = ""              # JSONL {"image", "caption"} of held-out images; '' = embedded pairs
+
+    # Starting point: a params-only checkpoint (checkpointing.save_params) or a training workdir,
+    # and the components to take from it; the rest is freshly initialised.
+    c.init_from = ""
+    c.init_components = "visual,connector,llm,project_down"
+
+    c.nonfinite = "skip"             # on a NaN/Inf loss or update: 'skip' the update, or 'stop'
+    c.peak_tflops_per_device = 0.0   # for MFU; 0 looks the device kind up (none on CPU)
+    c.allow_large_on_cpu = False     # refuse > 2B-parameter models on a host without accelerator
+
+    if tiny:
+        c.optimizer.learning_rate = ml_collections.ConfigDict(dict(visual=1e-3, projector=2e-3, llm=2e-3))
+        c.optimizer.warmup_steps = 10
+        c.optimizer.weight_decay = 0.0
+        c.optimizer.grad_clip_norm = 1.0
+        c.total_steps = 300
+        c.global_batch_size = 8
+        c.seq_len = 96
+        c.max_images_per_row = 2
+        c.mesh_shape = (-1, 1, 1)
+        c.checkpoint_every_steps = 100
+        c.log_every_steps = 25
+        c.sample_every_steps = 150
+        c.num_samples = 4
+        c.sample_max_new_tokens = 40
+    return c

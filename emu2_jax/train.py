@@ -1,0 +1,507 @@
+r"""Trains Emu2 / Emu at any stage of the papers' recipe.
+
+    python -m emu2_jax.train --config=configs/stage1.py:tiny --workdir=/tmp/emu2_stage1
+
+Each stage is a config file (configs/<stage>.py; `:tiny` runs on a laptop CPU in minutes) and any
+field can be overridden on the command line, e.g. `--config.total_steps=200`. Running the same
+command again resumes from the latest checkpoint in the workdir. What lands in the workdir:
+  checkpoints/<step>/   Orbax checkpoints (state, data-iterator state, config), see checkpointing.py
+  events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU)
+  samples/step_<N>.json greedy captions of sample images
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging as pylogging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from emu2_jax import checkpointing, generate, metrics, optim
+from emu2_jax import sharding as sh
+from emu2_jax.data import images as image_lib
+from emu2_jax.data import pipeline, tokenizer as tokenizer_lib
+from emu2_jax.models import emu2, presets
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+
+# Models above this size are refused on a host without accelerators (a 37B run would try to
+# allocate ~150 GB before failing); the `:tiny` variants are far below it.
+MAX_CPU_PARAMS = 2_000_000_000
+BATCH_KEYS = ("tokens", "targets", "text_loss_mask", "image_loss_mask", "segment_ids", "positions", "images",
+              "image_valid", "image_is_frame")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # optimizer updates done (int32 scalar)
+    params: PyTree         # every component, frozen ones included
+    opt_state: PyTree      # optimizer state of the trainable subtree only
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, mesh and shardings.
+
+
+def _flatten_overrides(overrides: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{'llm': {'lora_rank': 16}, 'dtype': 'bfloat16'} -> {'llm.lora_rank': 16, 'dtype': 'bfloat16'}."""
+    out = {}
+    for key, value in overrides.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten_overrides(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def model_config(config: ml_collections.ConfigDict) -> emu2.Emu2Config:
+    return presets.get_config(config.model, **_flatten_overrides(config.model_overrides))
+
+
+def uses_lora(model_cfg: emu2.Emu2Config) -> bool:
+    return model_cfg.llm.lora_rank > 0
+
+
+def dummy_batch(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config, rows: int) -> dict[str, Any]:
+    """Shape structs of a batch (batch.md) for abstract initialisation."""
+    seq, slots, size = config.seq_len, max(config.max_images_per_row, 1), model_cfg.vision.image_size
+    spec = jax.ShapeDtypeStruct
+    return {
+        "tokens": spec((rows, seq), jnp.int32), "targets": spec((rows, seq), jnp.int32),
+        "text_loss_mask": spec((rows, seq), jnp.float32), "image_loss_mask": spec((rows, seq), jnp.float32),
+        "segment_ids": spec((rows, seq), jnp.int32), "positions": spec((rows, seq), jnp.int32),
+        "images": spec((rows, slots, size, size, 3), jnp.float32),
+        "image_valid": spec((rows, slots), jnp.bool_), "image_is_frame": spec((rows, slots), jnp.bool_),
+    }
+
+
+def check_fits_host(config: ml_collections.ConfigDict, num_params: int) -> None:
+    """Refuses to build a large model where there is no accelerator, saying what to run instead."""
+    if jax.default_backend() == "cpu" and num_params > MAX_CPU_PARAMS and not config.allow_large_on_cpu:
+        raise SystemExit(
+            f"model {config.model!r} has {num_params / 1e9:.1f}B parameters and this machine has no "
+            f"accelerator (JAX backend: cpu). To try the recipe on CPU add the tiny variant, e.g. "
+            f"--config=configs/{config.stage}.py:tiny ; to insist, pass --config.allow_large_on_cpu=True.")
+
+
+def with_logical_rules(fn: Callable) -> Callable:
+    """Traces `fn` with the project's logical-axis rules active (they are read at trace time)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with nn.logical_axis_rules(sh.LOGICAL_RULES):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Batches arrive as [grad_accum_steps, rows, ...]; rows follow the activation batch rule."""
+    return sh.logical_to_sharding(PartitionSpec(None, sh.ACT_BATCH), mesh)
+
+
+def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int) -> dict[str, jax.Array]:
+    """This process's rows [B_local, ...] -> global arrays [accum, B_global / accum, ...]."""
+    out = {}
+    for key in BATCH_KEYS:
+        value = np.asarray(local[key])
+        value = value.reshape(accum_steps, value.shape[0] // accum_steps, *value.shape[1:])
+        global_shape = (accum_steps, value.shape[1] * jax.process_count(), *value.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step.
+
+
+def make_train_step(model: emu2.Emu2Model, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, is_trainable: Callable,
+                    schedules: Mapping[str, optax.Schedule], trainable_shardings: PyTree,
+                    micro_sharding: NamedSharding) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer update from a batch [accum, rows, ...], accumulating gradients over `accum`.
+
+    Gradients are taken w.r.t. the trainable subtree only, so XLA drops the frozen backward. Each
+    microbatch's loss is weighted by its share of the batch's supervised tokens, so the
+    accumulated gradient equals that of the whole batch. An update whose loss, gradient or new
+    parameters hold a NaN/Inf is skipped (parameters and optimizer state kept, step counted).
+    """
+    text_weight, image_weight = config.text_loss_weight, config.image_loss_weight
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        trainable, frozen = optim.split_params(state.params, is_trainable)
+        text_total = jnp.maximum(batch["text_loss_mask"].sum(), 1.0)
+        image_total = jnp.maximum(batch["image_loss_mask"].sum(), 1.0)
+
+        def micro_loss(trainable, micro):
+            micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+            outputs = model.apply({"params": optim.merge_params(trainable, frozen)}, micro)
+            _, m = emu2.compute_losses(outputs, micro, text_weight=text_weight, image_weight=image_weight)
+            text_share, image_share = m["text_tokens"] / text_total, m["image_tokens"] / image_total
+            parts = {"text_loss": m["text_loss"] * text_share, "image_loss": m["image_loss"] * image_share,
+                     "text_accuracy": m["text_accuracy"] * text_share}
+            return text_weight * parts["text_loss"] + image_weight * parts["image_loss"], parts
+
+        def accumulate(carry, micro):
+            grads, parts = carry
+            (_, micro_parts), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, micro)
+            grads = jax.tree.map(lambda g, u: g + u.astype(jnp.float32), grads, micro_grads)
+            grads = jax.lax.with_sharding_constraint(grads, trainable_shardings)
+            return (grads, jax.tree.map(jnp.add, parts, micro_parts)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+        zero_parts = {k: jnp.zeros((), jnp.float32) for k in ("text_loss", "image_loss", "text_accuracy")}
+        (grads, parts), _ = jax.lax.scan(accumulate, (zeros, zero_parts), batch)
+        loss = text_weight * parts["text_loss"] + image_weight * parts["image_loss"]
+
+        updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & optim.all_finite(new_trainable)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optim.merge_params(keep(new_trainable, trainable), frozen),
+            opt_state=keep(new_opt_state, state.opt_state))
+        step_metrics = {
+            **parts, "loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32),
+            "tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+            "images": batch["image_valid"].sum().astype(jnp.float32),
+        }
+        groups = sorted({optim.GROUP_OF_COMPONENT[c] for c in trainable})
+        step_metrics.update({f"lr/{g}": schedules[g](state.step) for g in groups})
+        return new_state, step_metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples.
+
+
+def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[list[dict], np.ndarray]:
+    """([{'image': name, 'reference': caption}], normalised pixels [K, S, S, 3]) of the sample set.
+
+    `config.sample_pairs`: a JSONL of {"image": path relative to the file, "caption": ...} (held-out
+    images); empty means the embedded dataset's pairs, one per image.
+    """
+    path = config.sample_pairs or str(tokenizer_lib.EMBEDDED_DIR / "pairs.jsonl")
+    root = os.path.dirname(path)
+    rows, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else None
+            if row and row["image"] not in seen:
+                seen.add(row["image"])
+                rows.append(row)
+    rows = rows[:config.num_samples]
+    pixels = []
+    for row in rows:
+        image_dir = root if config.sample_pairs else str(tokenizer_lib.EMBEDDED_DIR / "images")
+        with open(os.path.join(image_dir, row["image"]), "rb") as f:
+            decoded = image_lib.decode_image(f.read())
+        pixels.append(image_lib.normalize(image_lib.resize_for_encoder(decoded, image_size)))
+    return [{"image": r["image"], "reference": r["caption"]} for r in rows], np.stack(pixels)
+
+
+def caption_prompt_batch(tokenizer: tokenizer_lib.Tokenizer, model_cfg: emu2.Emu2Config,
+                         pixels: np.ndarray) -> dict[str, np.ndarray]:
+    rows = [tokenizer_lib.caption_prompt(tokenizer, model_cfg.n_query)] * len(pixels)
+    return {**generate.left_pad(rows, tokenizer.pad_id), "images": pixels[:, None],
+            "image_valid": np.ones((len(pixels), 1), bool), "image_is_frame": np.zeros((len(pixels), 1), bool)}
+
+
+def write_samples(workdir: str, step: int, samples: list[dict], new_tokens: np.ndarray,
+                  tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, list[str]]:
+    """Writes samples/step_<step>.json ({image, reference, caption} per sample); returns (path, captions)."""
+    stops = (tokenizer.eos_id, tokenizer.token_to_id(tokenizer_lib.EOC))
+    out = [{**s, "caption": tokenizer.decode(generate.truncate_at(row, stops), skip_special_tokens=True)}
+           for s, row in zip(samples, new_tokens)]
+    path = os.path.join(workdir, "samples", f"step_{step}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"step": step, "samples": out}, f, indent=1)
+    return path, [o["caption"] for o in out]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _mean_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Averages over the logged steps, leaving out skipped (non-finite) ones; sums tokens/images."""
+    finite = [h for h in history if not h["nonfinite"]] or history
+    out = {k: float(np.mean([h[k] for h in finite])) for k in history[0] if k not in ("tokens", "images")}
+    out["nonfinite"] = float(sum(h["nonfinite"] for h in history))
+    return out
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> tokenizer_lib.Tokenizer:
+    """The tokenizer whose vocabulary (with or without the two chat tokens) matches the model's."""
+    path = config.data.tokenizer_path or None
+    for with_chat in (True, False):
+        tok = tokenizer_lib.load_tokenizer(path, with_chat_tokens=with_chat)
+        if tok.vocab_size == model_cfg.llm.vocab_size:
+            return tok
+    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: no variant matches the model "
+                     f"vocabulary of {model_cfg.llm.vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a run builds from its config before the first step (nothing allocated yet)."""
+    model_cfg: emu2.Emu2Config
+    model: emu2.Emu2Model
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    is_trainable: Callable
+    param_shardings: PyTree
+    state_shardings: TrainState
+    abstract_state: TrainState          # ShapeDtypeStructs with shardings (restore target)
+    batch_sharding: NamedSharding
+    train_step: Callable                # jitted (state, global batch) -> (state, metrics); donates state
+    num_trainable: int
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
+    """Model, mesh, shardings, optimizer and the jitted train step of `config` (on `devices`, default all)."""
+    model_cfg = model_config(config)
+    model = emu2.Emu2Model(model_cfg)
+    mesh = sh.create_mesh(config.mesh_shape, devices)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows, batch_shards = config.global_batch_size, mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % (config.grad_accum_steps * batch_shards) or rows % jax.process_count():
+        raise ValueError(f"global_batch_size={rows} must divide into grad_accum_steps={config.grad_accum_steps} "
+                         f"microbatches over {batch_shards} data/fsdp shards and {jax.process_count()} processes")
+
+    # Parameters: shapes and logical axes from an abstract init, then shardings on this mesh.
+    abstract = jax.eval_shape(model.init, jax.random.key(0), dummy_batch(config, model_cfg, 1))
+    param_shardings = sh.logical_to_sharding(nn.get_partition_spec(abstract), mesh)["params"]
+    abstract_params = nn.unbox(abstract)["params"]
+    check_fits_host(config, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)))
+
+    # Optimizer state exists for the trainable subtree only.
+    is_trainable = optim.trainable_predicate(tuple(config.trainable), lora=uses_lora(model_cfg))
+    tx, schedules = optim.create_optimizer(config.optimizer, config.total_steps)
+    abstract_trainable, _ = optim.split_params(abstract_params, is_trainable)
+    trainable_shardings, _ = optim.split_params(param_shardings, is_trainable)
+    abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
+    state_shardings = TrainState(
+        step=replicated, params=param_shardings,
+        opt_state=optim.opt_state_shardings(abstract_opt_state, trainable_shardings, replicated))
+    abstract_state = checkpointing.abstract_like(
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt_state),
+        state_shardings)
+
+    micro_sharding = sh.logical_to_sharding(PartitionSpec(sh.ACT_BATCH), mesh)
+    step_fn = make_train_step(model, tx, config, is_trainable, schedules, trainable_shardings, micro_sharding)
+    train_step = jax.jit(with_logical_rules(step_fn), in_shardings=(state_shardings, batch_sharding(mesh)),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, is_trainable=is_trainable,
+                   param_shardings=param_shardings, state_shardings=state_shardings,
+                   abstract_state=abstract_state, batch_sharding=batch_sharding(mesh), train_step=train_step,
+                   num_trainable=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_trainable)))
+
+
+def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
+    """A fresh state at step 0: random parameters, or `init_from`'s for `init_components`."""
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dummy_batch(config, trainer.model_cfg, 1))
+    init = jax.jit(lambda rng: nn.unbox(trainer.model.init(rng, zeros))["params"],
+                   out_shardings=trainer.param_shardings)
+    params = init(jax.random.key(config.seed))
+    if config.init_from:
+        components = [c.strip() for c in config.init_components.split(",") if c.strip()]
+        params = {**params, **checkpointing.load_params(config.init_from, trainer.abstract_state.params,
+                                                        components)}
+        logging.info("Starting at step 0 from %s (components: %s; the rest freshly initialised).",
+                     config.init_from, ", ".join(components))
+    else:
+        logging.info("Starting from scratch at step 0 (random initialisation, seed %d).", config.seed)
+    trainable, _ = optim.split_params(params, trainer.is_trainable)
+    opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(trainable)
+    # Placed like the step's outputs: an uncommitted scalar would make the second call recompile.
+    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence[jax.Device] | None = None) -> TrainState:
+    """Runs (or resumes) the training run of `config` in `workdir` (on `devices`, default all)."""
+    os.makedirs(workdir, exist_ok=True)
+    trainer = create_trainer(config, devices)
+    model_cfg, mesh = trainer.model_cfg, trainer.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    logging.info("Model %s: %.3fB parameters, %.3fB trainable (%s%s); mesh %s", config.model,
+                 trainer.num_params / 1e9, trainer.num_trainable / 1e9, ",".join(config.trainable),
+                 ", LoRA adapters only in llm" if uses_lora(model_cfg) else "", dict(mesh.shape))
+
+    # Data: this process's rows of every global batch.
+    tokenizer = load_tokenizer(config, model_cfg)
+    data_iter = pipeline.create_train_iterator(
+        config.data, tokenizer=tokenizer, seq_len=config.seq_len,
+        batch_size=config.global_batch_size // jax.process_count(), image_size=model_cfg.vision.image_size,
+        n_query=model_cfg.n_query, v_query=model_cfg.v_query, max_images_per_row=config.max_images_per_row,
+        seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+
+    # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
+    manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
+                                           keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+    latest = manager.latest_step()
+    if latest is not None:
+        state, data_state = checkpointing.restore_checkpoint(manager, latest, trainer.abstract_state)
+        data_iter.set_state(data_state)
+        logging.info("Resuming from step %d (checkpoint %s/%d).", latest, manager.directory, latest)
+    else:
+        state = init_state(trainer, config)
+    start_step = int(state.step)
+
+    # Reporting.
+    writer = metrics.SummaryWriter(workdir) if jax.process_index() == 0 else None
+    rows = config.global_batch_size
+    flops = metrics.training_flops(model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len,
+                                   images=rows * max(config.max_images_per_row, 1),
+                                   trainable=tuple(config.trainable), lora=uses_lora(model_cfg))
+    peak = config.peak_tflops_per_device * 1e12 or metrics.peak_flops_per_device()
+    if config.sample_every_steps:
+        samples, sample_pixels = load_sample_images(config, model_cfg.vision.image_size)
+        sample_prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
+                                     caption_prompt_batch(tokenizer, model_cfg, sample_pixels))
+        sampler = with_logical_rules(generate.make_greedy_generate(
+            trainer.model, max_new_tokens=config.sample_max_new_tokens))
+    preemption = checkpointing.PreemptionWatcher(manager)
+
+    def save(step: int, force: bool = False) -> None:
+        if checkpointing.save_checkpoint(manager, step, state, data_iter.get_state(), config, force=force):
+            logging.info("Saving checkpoint at step %d to %s/%d.", step, manager.directory, step)
+
+    def sample(step: int) -> None:
+        new_tokens = np.asarray(jax.device_get(sampler(state.params, sample_prompt)))
+        if jax.process_index() == 0:
+            path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
+            logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
+
+    history: list[dict] = []
+    pending: tuple[int, dict] | None = None  # the last step's metrics, fetched one step late
+
+    def flush() -> None:
+        """Fetches the pending step's metrics: reports a non-finite step, stops if so configured."""
+        nonlocal pending
+        if pending is None:
+            return
+        step, host = pending[0], jax.device_get(pending[1])
+        pending = None
+        history.append(host)
+        if host["nonfinite"]:
+            parts = ", ".join(f"{k} {float(host[k]):.4g}" for k in ("loss", "text_loss", "image_loss", "grad_norm"))
+            if config.nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss or update at step {step} ({parts}); stopping as "
+                                         f"config.nonfinite='stop' says (the update was not applied)")
+            logging.warning("Non-finite loss or update at step %d (%s): update skipped.", step, parts)
+
+    if start_step >= config.total_steps:
+        logging.info("Already at step %d of %d: nothing to train.", start_step, config.total_steps)
+    try:
+        throughput = None
+        loop_start = time.perf_counter()
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = make_global_batch(next(data_iter), trainer.batch_sharding, config.grad_accum_steps)
+            state, step_metrics = trainer.train_step(state, batch)
+            flush()  # the previous step's, which has finished by now: no stall of the device queue
+            pending = (step, step_metrics)
+            is_log_step = step % config.log_every_steps == 0 or step == config.total_steps
+            if throughput is None or is_log_step:
+                flush()
+                values = _mean_metrics(history)
+                if throughput is None:  # the first step compiles: report it alone, then start the clocks
+                    line = f"{metrics.progress_line(step, config.total_steps, values)} | first step " \
+                           f"(with compilation) {time.perf_counter() - loop_start:.1f}s"
+                    throughput = metrics.Throughput(step, config.total_steps, flops, peak)
+                else:
+                    values.update(throughput.report(step, sum(h["tokens"] for h in history),
+                                                    sum(h["images"] for h in history)))
+                    line = metrics.progress_line(step, config.total_steps, values)
+                history.clear()
+                logging.info("%s", line)
+                if writer:
+                    writer.scalars(step, values)
+            if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == config.total_steps):
+                sample(step)
+            if preemption.reached(step):
+                flush()
+                save(step, force=True)
+                logging.info("Preemption notice (SIGTERM) at step %d: checkpoint written, exiting.", step)
+                break
+            if manager.should_save(step) or step == config.total_steps:
+                flush()  # never write the state of a run that is about to stop on a NaN
+                save(step, force=step == config.total_steps)
+    finally:  # also on errors: finish the saves in flight (they hold clean states)
+        manager.wait_until_finished()
+        manager.close()
+        preemption.close()
+        if writer:
+            writer.close()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage1.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard files and samples.")
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Also show the INFO logs of JAX, Orbax, grain, ...")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): 'auto' does so when the environment describes several processes.")
+
+
+def _multi_process_environment() -> bool:
+    """Whether the environment describes a multi-process job (TPU pod slice, SLURM, MPI, explicit)."""
+    env = os.environ
+    return bool(
+        env.get("JAX_COORDINATOR_ADDRESS")
+        or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+class _OwnInfoOnly(pylogging.Filter):
+    """Keeps library INFO chatter (Orbax logs every save step by step) off the console."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}emu2_jax{os.sep}" in record.pathname
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _LIBRARY_LOGS.value:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_process_environment()):
+        jax.distributed.initialize()
+    logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+    started = time.time()
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("Done in %s.", metrics.format_duration(time.time() - started))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,235 @@
+"""The train step and loop on the tiny model and the embedded dataset (8 simulated CPU devices)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import emu1_chat, stage1, stage2
+from emu2_jax import metrics, train
+from emu2_jax.data import pipeline, tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = {"projector": 1e-3, "llm": 3e-4}
+
+
+def _batches(config, trainer, count):
+    it = pipeline.create_train_iterator(
+        config.data, tokenizer=train.load_tokenizer(config, trainer.model_cfg), seq_len=config.seq_len,
+        batch_size=config.global_batch_size, image_size=trainer.model_cfg.vision.image_size,
+        n_query=trainer.model_cfg.n_query, v_query=trainer.model_cfg.v_query,
+        max_images_per_row=config.max_images_per_row, seed=config.seed)
+    return [next(it) for _ in range(count)]
+
+
+def _stage2_config():
+    """Stage 2 (frozen encoder, text + image loss) with a constant, decay-free learning rate per group."""
+    config = stage2.get_config("tiny")
+    config.optimizer.update(warmup_steps=0, decay="constant", weight_decay=0.0)
+    config.optimizer.learning_rate.update(visual=5e-3, **LR)
+    return config
+
+
+@pytest.fixture(scope="module")
+def stage2_single():
+    config = _stage2_config()
+    trainer = train.create_trainer(config, devices=jax.devices()[:1])
+    return config, trainer, _batches(config, trainer, 2)
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def test_sharded_accumulated_step_equals_single_device_step(stage2_single):
+    config, single, batches = stage2_single
+    sharded_config = _stage2_config()
+    sharded_config.mesh_shape = (2, 2, 2)
+    sharded_config.grad_accum_steps = 2
+    sharded = train.create_trainer(sharded_config)
+    assert len(sharded.mesh.devices.flat) == 8
+    one, many = train.init_state(single, config), train.init_state(sharded, sharded_config)
+    np.testing.assert_array_equal(*(np.asarray(s.params["llm"]["lm_head"]["kernel"]) for s in (one, many)))
+    for batch in batches:
+        one, one_metrics = single.train_step(one, train.make_global_batch(batch, single.batch_sharding, 1))
+        many, many_metrics = sharded.train_step(many, train.make_global_batch(batch, sharded.batch_sharding, 2))
+        for key in ("loss", "text_loss", "image_loss", "grad_norm", "text_accuracy", "tokens"):
+            np.testing.assert_allclose(many_metrics[key], one_metrics[key], rtol=2e-5, err_msg=key)
+        assert float(one_metrics["image_loss"]) > 0 and float(one_metrics["text_loss"]) > 0
+    up = many.params["llm"]["layers"]["mlp"]["up"]["kernel"]
+    assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 2, up.shape[2] // 2)  # fsdp, tensor
+    for got, want in zip(jax.tree.leaves(_host(many)), jax.tree.leaves(_host(one))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_params_unchanged_and_learning_rates_per_component(stage2_single):
+    config, trainer, batches = stage2_single
+    state = train.init_state(trainer, config)
+    before = _host(state.params)
+    state, step_metrics = trainer.train_step(state, train.make_global_batch(batches[0], trainer.batch_sharding, 1))
+    after = _host(state.params)
+    for got, want in zip(jax.tree.leaves(after["visual"]), jax.tree.leaves(before["visual"])):
+        assert np.array_equal(got, want)  # frozen: bitwise
+    assert "lr/visual" not in step_metrics
+    # Adam's first step moves each weight by at most (and typically exactly) its group's rate.
+    for component, group in (("connector", "projector"), ("project_down", "projector"), ("llm", "llm")):
+        delta = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(after[component]),
+                                                              jax.tree.leaves(before[component])))
+        np.testing.assert_allclose(delta, LR[group], rtol=1e-3, err_msg=component)
+        np.testing.assert_allclose(step_metrics[f"lr/{group}"], LR[group], rtol=1e-6)
+    assert int(state.step) == 1
+
+
+def test_nonfinite_update_is_skipped(stage2_single):
+    config, trainer, batches = stage2_single
+    state = train.init_state(trainer, config)
+    before = _host(state)
+    poisoned = {**batches[1], "images": np.full_like(batches[1]["images"], np.nan)}
+    state, step_metrics = trainer.train_step(state, train.make_global_batch(poisoned, trainer.batch_sharding, 1))
+    assert float(step_metrics["nonfinite"]) == 1.0 and not np.isfinite(float(step_metrics["loss"]))
+    after = _host(state)
+    assert int(after.step) == 1
+    for got, want in zip(jax.tree.leaves((after.params, after.opt_state)),
+                         jax.tree.leaves((before.params, before.opt_state))):
+        assert np.array_equal(got, want)
+
+
+def test_lora_trains_only_the_adapters():
+    config = emu1_chat.get_config("tiny")
+    config.optimizer.warmup_steps = 0
+    trainer = train.create_trainer(config, devices=jax.devices()[:1])
+    assert trainer.model_cfg.connector == "causal_transformer" and trainer.model_cfg.llm.lora_rank == 4
+    state = train.init_state(trainer, config)
+    adapters = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+                   if p[-1].key in ("lora_a", "lora_b"))
+    assert trainer.num_trainable == adapters
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) == 2 * adapters + 6  # mu, nu; 6 counts
+    before = _host(state.params)
+    batch = _batches(config, trainer, 1)[0]
+    state, _ = trainer.train_step(state, train.make_global_batch(batch, trainer.batch_sharding, 1))
+    changed = {"/".join(k.key for k in p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(_host(state.params)),
+                                                            jax.tree.leaves(before)) if not np.array_equal(a, b)}
+    assert changed and all(name.endswith("lora_b") for name in changed)  # lora_a's gradient is 0 while B = 0
+
+
+class _PoisonAt:
+    """Wraps the data iterator: batch number `at` (1-based) gets NaN images."""
+
+    def __init__(self, inner, at):
+        self._inner, self._at, self._count = inner, at, 0
+
+    def __next__(self):
+        self._count += 1
+        batch = next(self._inner)
+        return {**batch, "images": np.full_like(batch["images"], np.nan)} if self._count == self._at else batch
+
+    def get_state(self):
+        return self._inner.get_state()
+
+    def set_state(self, state):
+        self._inner.set_state(state)
+
+
+def _poison_data(monkeypatch, at):
+    real = pipeline.create_train_iterator
+    monkeypatch.setattr(pipeline, "create_train_iterator", lambda *a, **k: _PoisonAt(real(*a, **k), at))
+
+
+def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, caplog):
+    config = stage1.get_config("tiny")
+    config.update(total_steps=100, log_every_steps=20, checkpoint_every_steps=40, sample_every_steps=100)
+    _poison_data(monkeypatch, at=5)
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert "Non-finite loss or update at step 5" in caplog.text
+
+    (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    scalars = dict(metrics.read_scalars(events))
+    assert sorted(scalars) == [1, 20, 40, 60, 80, 100]
+    assert scalars[1]["loss"] > 6.0 and scalars[100]["loss"] < 0.3, {s: v["loss"] for s, v in scalars.items()}
+    assert scalars[20]["nonfinite"] == 1.0 and np.isfinite(scalars[20]["loss"])
+    assert {"lr/visual", "lr/llm", "lr/projector", "grad_norm", "tokens_per_sec", "images_per_sec"} <= set(scalars[40])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "40", "80"]
+
+    pairs = [json.loads(line) for line in open(tokenizer.EMBEDDED_DIR / "pairs.jsonl")]
+    captions = {}
+    for pair in pairs:
+        captions.setdefault(pair["image"], set()).add(pair["caption"])
+    samples = json.load(open(tmp_path / "samples" / "step_100.json"))["samples"]
+    assert len(samples) == 4
+    reproduced = [s["caption"] in captions[s["image"]] for s in samples]
+    assert sum(reproduced) >= 3, samples
+
+
+def test_nonfinite_stop_policy_keeps_checkpoints_clean(tmp_path, monkeypatch):
+    config = stage1.get_config("tiny")
+    config.update(total_steps=6, checkpoint_every_steps=2, log_every_steps=100, sample_every_steps=0,
+                  nonfinite="stop")
+    _poison_data(monkeypatch, at=3)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def test_refuses_the_37b_model_on_cpu(tmp_path):
+    with pytest.raises(SystemExit, match=r"configs/stage1.py:tiny"):
+        train.train_and_evaluate(stage1.get_config(), str(tmp_path))
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "emu2_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
+            "--config.total_steps=40", "--config.checkpoint_every_steps=10", "--config.log_every_steps=5",
+            "--config.sample_every_steps=0"]
+
+
+def test_sigkill_and_restart_gives_the_uninterrupted_result(tmp_path):
+    # One CPU device (no simulated mesh) and a shared compilation cache keep the three runs quick.
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": REPO}
+    full = subprocess.run(_command(tmp_path / "full"), cwd=REPO, env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed = subprocess.Popen(_command(tmp_path / "killed"), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in killed.stderr:
+        seen.append(line)
+        if "step 25/40" in line:
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+
+    resumed = subprocess.run(_command(tmp_path / "killed"), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 20" in resumed.stderr or "Resuming from step 10" in resumed.stderr
+
+    checkpointer = ocp.StandardCheckpointer()
+    final = [checkpointer.restore(tmp_path / run / "checkpoints" / "40" / "state") for run in ("full", "killed")]
+    leaves = [jax.tree.leaves(f) for f in final]
+    assert len(leaves[0]) == len(leaves[1]) > 10
+    for a, b in zip(*leaves):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_writes_a_final_checkpoint(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    command = _command(tmp_path)
+    command[command.index("--config.total_steps=40")] = "--config.total_steps=100000"
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    log = "".join(seen)
+    assert proc.returncode == 0, log[-3000:]
+    assert "Preemption notice (SIGTERM)" in log
+    steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+    assert len(steps) == 1 and 5 <= steps[0] < 100, steps
