@@ -8,6 +8,7 @@ projector train, the encoder is frozen.
     python -m emu2_jax.train --config=configs/chat.py:tiny --workdir=/tmp/chat   # CPU, minutes
 """
 from configs import common
+from emu2_jax.data import tokenizer
 
 
 def get_config(arg=None):
@@ -16,6 +17,7 @@ def get_config(arg=None):
     c.text_loss_weight = 1.0
     c.image_loss_weight = 0.0  # answers only: text
     c.trainable = ("connector", "llm", "project_down")
+    c.sample_prompt = f"{tokenizer.SYSTEM_CHAT} [USER]: [<IMG_PLH>]Describe the image in details. [ASSISTANT]:"
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.98, 1e-6
     c.optimizer.warmup_steps = 100 if not tiny else 10
     c.optimizer.decay = "cosine"

@@ -77,6 +77,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.num_samples = 8
     c.sample_max_new_tokens = 48
     c.sample_pairs = ""              # JSONL {"image", "caption"} of held-out images; '' = embedded pairs
+    c.sample_prompt = "[<IMG_PLH>]"  # text after <s>; the placeholder becomes [IMG] <image>*n [/IMG]
 
     # Starting point: a params-only checkpoint (checkpointing.save_params) or a training workdir,
     # and the components to take from it; the rest is freshly initialised.

@@ -6,6 +6,7 @@ loss on answers only, 224 px.
     python -m emu2_jax.train --config=configs/emu1_chat.py:tiny --workdir=/tmp/emu1_chat   # CPU, minutes
 """
 from configs import common
+from emu2_jax.data import tokenizer
 from emu2_jax.models.causal_transformer import CausalTransformerConfig
 
 
@@ -15,6 +16,7 @@ def get_config(arg=None):
     c.text_loss_weight = 1.0
     c.image_loss_weight = 0.0
     c.trainable = ("llm",)  # with llm.lora_rank > 0: only the adapters
+    c.sample_prompt = f"{tokenizer.SYSTEM_CHAT} [USER]: [<IMG_PLH>]Describe the image in details. [ASSISTANT]:"
     c.model_overrides.llm = dict(lora_rank=16, lora_alpha=16.0)
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.98, 1e-6  # Emu (v1) pretraining's
     c.optimizer.warmup_steps = 10 if tiny else 500

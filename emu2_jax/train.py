@@ -216,10 +216,14 @@ def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tu
     return [{"image": r["image"], "reference": r["caption"]} for r in rows], np.stack(pixels)
 
 
-def caption_prompt_batch(tokenizer: tokenizer_lib.Tokenizer, model_cfg: emu2.Emu2Config,
-                         pixels: np.ndarray) -> dict[str, np.ndarray]:
-    rows = [tokenizer_lib.caption_prompt(tokenizer, model_cfg.n_query)] * len(pixels)
-    return {**generate.left_pad(rows, tokenizer.pad_id), "images": pixels[:, None],
+def sample_prompt_batch(prompt: str, tokenizer: tokenizer_lib.Tokenizer, model_cfg: emu2.Emu2Config,
+                        pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per sample image: `prompt` with its `[<IMG_PLH>]` expanded to the image's tokens."""
+    if prompt.count(tokenizer_lib.IMG_PLACEHOLDER) != 1:
+        raise ValueError(f"sample_prompt {prompt!r} must hold exactly one {tokenizer_lib.IMG_PLACEHOLDER}")
+    image = tokenizer_lib.IMG + tokenizer_lib.IMAGE * model_cfg.n_query + tokenizer_lib.IMG_END
+    ids = tokenizer.encode(prompt.replace(tokenizer_lib.IMG_PLACEHOLDER, image))
+    return {**generate.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": pixels[:, None],
             "image_valid": np.ones((len(pixels), 1), bool), "image_is_frame": np.zeros((len(pixels), 1), bool)}
 
 
@@ -255,8 +259,9 @@ def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config
         tok = tokenizer_lib.load_tokenizer(path, with_chat_tokens=with_chat)
         if tok.vocab_size == model_cfg.llm.vocab_size:
             return tok
-    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: no variant matches the model "
-                     f"vocabulary of {model_cfg.llm.vocab_size}")
+    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: with Emu2's added tokens that "
+                     f"does not give the model's vocabulary of {model_cfg.llm.vocab_size}; point "
+                     f"--config.data.tokenizer_path at the model's sentencepiece tokenizer.model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,8 +334,9 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainStat
         components = [c.strip() for c in config.init_components.split(",") if c.strip()]
         params = {**params, **checkpointing.load_params(config.init_from, trainer.abstract_state.params,
                                                         components)}
-        logging.info("Starting at step 0 from %s (components: %s; the rest freshly initialised).",
-                     config.init_from, ", ".join(components))
+        fresh = [c for c in params if c not in components]
+        logging.info("Starting at step 0 from %s (loaded: %s%s).", config.init_from, ", ".join(components),
+                     f"; freshly initialised: {', '.join(fresh)}" if fresh else "")
     else:
         logging.info("Starting from scratch at step 0 (random initialisation, seed %d).", config.seed)
     trainable, _ = optim.split_params(params, trainer.is_trainable)
@@ -381,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.sample_every_steps:
         samples, sample_pixels = load_sample_images(config, model_cfg.vision.image_size)
         sample_prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
-                                     caption_prompt_batch(tokenizer, model_cfg, sample_pixels))
+                                     sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, sample_pixels))
         sampler = with_logical_rules(generate.make_greedy_generate(
             trainer.model, max_new_tokens=config.sample_max_new_tokens))
     preemption = checkpointing.PreemptionWatcher(manager)

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import emu1_chat, stage1, stage2
+from configs import chat, emu1_chat, gen, stage1, stage2
 from emu2_jax import metrics, train
 from emu2_jax.data import pipeline, tokenizer
 
@@ -233,3 +233,27 @@ def test_sigterm_writes_a_final_checkpoint(tmp_path):
     assert "Preemption notice (SIGTERM)" in log
     steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
     assert len(steps) == 1 and 5 <= steps[0] < 100, steps
+
+
+@pytest.mark.parametrize("module, arg", [
+    (stage1, None), (stage1, "hires"), (stage2, None), (chat, None), (gen, None), (gen, "qft"), (emu1_chat, None),
+    (stage1, "tiny"), (stage1, "hires,tiny"), (stage2, "tiny"), (chat, "tiny"), (gen, "tiny"), (gen, "qft,tiny"),
+    (emu1_chat, "tiny"),
+])
+def test_stage_configs_build(module, arg):
+    config = module.get_config(arg)
+    for field in ("total_steps", "checkpoint_every_steps", "log_every_steps", "seed", "global_batch_size",
+                  "mesh_shape"):
+        assert field in config, field
+    model_cfg = train.model_config(config)
+    train.optim.create_optimizer(config.optimizer, config.total_steps)
+    if arg and "tiny" in arg:
+        assert config.model == "tiny" and config.global_batch_size <= 8
+        assert train.load_tokenizer(config, model_cfg).vocab_size == model_cfg.llm.vocab_size
+        assert train.create_trainer(config, devices=jax.devices()[:1]).num_params < 5_000_000
+    else:
+        assert model_cfg.llm.num_layers >= 40 and config.global_batch_size >= 128
+        with pytest.raises(ValueError, match="tokenizer_path"):  # the embedded tokenizer is not LLaMA's
+            train.load_tokenizer(config, model_cfg)
+    with pytest.raises(ValueError, match="unknown config variant"):
+        module.get_config("huge")
