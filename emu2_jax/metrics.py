@@ -172,9 +172,10 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     return next((flops for name, flops in _PEAK_FLOPS if name.lower() in kind.lower()), None)
 
 
-def _multiplier(trained: bool, needs_input_grads: bool) -> int:
-    """Forward = 1 unit; weight gradients and input gradients cost one more each."""
-    return 1 + int(trained) + int(needs_input_grads)
+def _multiplier(trained: bool, backprop_through: bool) -> int:
+    """Passes of a tower's forward cost: 1 forward, +2 when its weights train (gradients w.r.t.
+    activations and weights), +1 when only gradients must flow through it to earlier weights."""
+    return 1 + (2 if trained else int(backprop_through))
 
 
 def training_flops(config: Emu2Config, *, tokens: int, seq_len: int, images: int,
@@ -182,8 +183,8 @@ def training_flops(config: Emu2Config, *, tokens: int, seq_len: int, images: int
     """Matmul FLOPs of one optimizer step (2 per multiply-add), as used for MFU.
 
     tokens: LLM positions processed (padding included); images: encoder passes (stills and frames).
-    A frozen encoder runs forward only; a frozen (or LoRA-only) LLM still back-propagates to its
-    inputs when anything before it trains. The small connector is left out.
+    A frozen encoder runs forward only; a frozen LLM still back-propagates when LoRA adapters or
+    anything before it train. The small connector and LoRA matmuls are left out.
     """
     llm, vision = config.llm, config.vision
     attn = llm.hidden_size * llm.head_dim * (2 * llm.num_heads + 2 * llm.num_kv_heads)
@@ -194,9 +195,9 @@ def training_flops(config: Emu2Config, *, tokens: int, seq_len: int, images: int
     vit_params = vision.depth * (4 * vision.width ** 2 + 2 * vision.width * vision.mlp_dim)
     vit_forward = images * (2 * v_tokens * vit_params + 4 * vision.depth * v_tokens ** 2 * vision.width
                             + 2 * vision.num_patches * vision.patch_size ** 2 * 3 * vision.width)
-    encoder_side = {"visual", "connector"} & set(trainable)
-    llm_mult = _multiplier("llm" in trainable and not lora, needs_input_grads=bool(encoder_side))
-    vit_mult = _multiplier("visual" in trainable, needs_input_grads=False)
+    llm_trained = "llm" in trainable and not lora
+    llm_mult = _multiplier(llm_trained, backprop_through=lora or bool({"visual", "connector"} & set(trainable)))
+    vit_mult = _multiplier("visual" in trainable, backprop_through=False)
     return float(llm_forward * llm_mult + vit_forward * vit_mult)
 
 

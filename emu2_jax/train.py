@@ -99,7 +99,12 @@ def check_fits_host(config: ml_collections.ConfigDict, num_params: int) -> None:
 
 
 def with_logical_rules(fn: Callable) -> Callable:
-    """Traces `fn` with the project's logical-axis rules active (they are read at trace time)."""
+    """Traces `fn` with the project's logical-axis rules active (they are read at trace time).
+
+    Parameters and batches are placed by the jit shardings; Flax turns the models' activation
+    annotations into constraints only under a mesh context as well, which `layers.dense` does not
+    support yet (its multi-axis kernels are boxed at a flattened shape during the shape check).
+    """
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with nn.logical_axis_rules(sh.LOGICAL_RULES):
@@ -197,19 +202,19 @@ def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tu
     `config.sample_pairs`: a JSONL of {"image": path relative to the file, "caption": ...} (held-out
     images); empty means the embedded dataset's pairs, one per image.
     """
-    path = config.sample_pairs or str(tokenizer_lib.EMBEDDED_DIR / "pairs.jsonl")
-    root = os.path.dirname(path)
+    if config.sample_pairs:
+        path, image_dir = config.sample_pairs, os.path.dirname(config.sample_pairs)
+    else:
+        path, image_dir = tokenizer_lib.EMBEDDED_DIR / "pairs.jsonl", tokenizer_lib.EMBEDDED_DIR / "images"
     rows, seen = [], set()
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line) if line.strip() else None
-            if row and row["image"] not in seen:
+        for row in (json.loads(line) for line in f if line.strip()):
+            if row["image"] not in seen:
                 seen.add(row["image"])
                 rows.append(row)
     rows = rows[:config.num_samples]
     pixels = []
     for row in rows:
-        image_dir = root if config.sample_pairs else str(tokenizer_lib.EMBEDDED_DIR / "images")
         with open(os.path.join(image_dir, row["image"]), "rb") as f:
             decoded = image_lib.decode_image(f.read())
         pixels.append(image_lib.normalize(image_lib.resize_for_encoder(decoded, image_size)))
@@ -245,7 +250,8 @@ def write_samples(workdir: str, step: int, samples: list[dict], new_tokens: np.n
 
 
 def _mean_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Averages over the logged steps, leaving out skipped (non-finite) ones; sums tokens/images."""
+    """Averages over the logged steps, leaving out skipped (non-finite) ones, and counts those;
+    tokens/images are left to the throughput meter."""
     finite = [h for h in history if not h["nonfinite"]] or history
     out = {k: float(np.mean([h[k] for h in finite])) for k in history[0] if k not in ("tokens", "images")}
     out["nonfinite"] = float(sum(h["nonfinite"] for h in history))
@@ -462,6 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         preemption.close()
         if writer:
             writer.close()
+        data_iter.close()
     return state
 
 

@@ -116,6 +116,7 @@ def test_load_params_from_a_training_workdir(tmp_path):
 
 
 def test_sigterm_sets_the_preemption_flag(tmp_path):
+    previous = signal.getsignal(signal.SIGTERM)
     watcher = checkpointing.PreemptionWatcher(_manager(tmp_path))
     try:
         assert not watcher.reached(1)
@@ -123,4 +124,4 @@ def test_sigterm_sets_the_preemption_flag(tmp_path):
         assert watcher.reached(2)
     finally:
         watcher.close()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is previous

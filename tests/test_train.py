@@ -135,6 +135,9 @@ class _PoisonAt:
     def set_state(self, state):
         self._inner.set_state(state)
 
+    def close(self):
+        self._inner.close()
+
 
 def _poison_data(monkeypatch, at):
     real = pipeline.create_train_iterator
@@ -257,3 +260,31 @@ def test_stage_configs_build(module, arg):
             train.load_tokenizer(config, model_cfg)
     with pytest.raises(ValueError, match="unknown config variant"):
         module.get_config("huge")
+
+
+def test_event_files_round_trip(tmp_path):
+    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = metrics.SummaryWriter(str(tmp_path))
+    writer.scalars(3, {"loss": 2.5, "lr/llm": 1e-4})
+    writer.scalars(7, {"loss": 1.25})
+    writer.close()
+    assert metrics.read_scalars(writer.path) == [(3, {"loss": 2.5, "lr/llm": np.float32(1e-4)}), (7, {"loss": 1.25})]
+    data = bytearray(open(writer.path, "rb").read())
+    data[-6] ^= 1
+    open(writer.path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="corrupt record"):
+        metrics.read_scalars(writer.path)
+
+
+def test_training_flops_estimate():
+    config = train.model_config(stage1.get_config())
+    llm = config.llm
+    per_token = 2 * llm.num_layers * (4 * llm.hidden_size ** 2 + 3 * llm.hidden_size * llm.intermediate_size)
+    text_only = metrics.training_flops(config, tokens=1000, seq_len=1, images=0, trainable=("llm",))
+    assert text_only == pytest.approx(3 * 1000 * (per_token + 2 * llm.hidden_size * llm.vocab_size), rel=1e-3)
+    frozen_encoder = metrics.training_flops(config, tokens=0, seq_len=1, images=10, trainable=("llm",))
+    trained_encoder = metrics.training_flops(config, tokens=0, seq_len=1, images=10, trainable=("visual", "llm"))
+    assert trained_encoder == pytest.approx(3 * frozen_encoder)
+    lora = metrics.training_flops(config, tokens=1000, seq_len=1, images=0, trainable=("llm",), lora=True)
+    assert lora == pytest.approx(2 / 3 * text_only)
+    assert metrics.peak_flops_per_device() is None  # CPU: no MFU
