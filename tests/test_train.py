@@ -288,3 +288,20 @@ def test_training_flops_estimate():
     lora = metrics.training_flops(config, tokens=1000, seq_len=1, images=0, trainable=("llm",), lora=True)
     assert lora == pytest.approx(2 / 3 * text_only)
     assert metrics.peak_flops_per_device() is None  # CPU: no MFU
+
+
+@pytest.mark.parametrize("module", [stage1, stage2, chat, gen, emu1_chat])
+def test_real_configs_lower_on_an_fsdp_mesh(module):
+    """The paper-sized train steps (bf16, remat, frozen parts, LoRA) trace with their shardings; nothing
+    is allocated or compiled."""
+    config = module.get_config()
+    config.update(allow_large_on_cpu=True, mesh_shape=(1, 8, 1), global_batch_size=8, seq_len=128,
+                  max_images_per_row=1)
+    trainer = train.create_trainer(config)
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
+                         train.dummy_batch(config, trainer.model_cfg, 8))
+    lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    assert trainer.num_params > 14e9
+    embed = trainer.abstract_state.params["llm"]["embed_tokens"]["embedding"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert "bf16" in lowered.as_text()
