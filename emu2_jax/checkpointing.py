@@ -127,7 +127,8 @@ def load_params(path: str, abstract_params: Mapping[str, Any], components: Seque
         saved = saved[key]
     missing = [c for c in components if c not in saved]
     if missing:
-        raise ValueError(f"init_from={path}: no component(s) {missing} in the checkpoint (has {sorted(saved)})")
+        raise ValueError(f"init_from={path}: no component(s) {missing} in the checkpoint (has {sorted(saved)}); "
+                         f"choose the ones to load with --config.init_components")
 
     wanted = {c: abstract_params[c] for c in components}
     resized: dict[tuple, jax.ShapeDtypeStruct] = {}

@@ -481,24 +481,28 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, Tens
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Also show the INFO logs of JAX, Orbax, grain, ...")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "Call jax.distributed.initialize(): 'auto' does so when the environment describes several processes.")
+    "Call jax.distributed.initialize() (every process of a multi-host job must): 'auto' does when the "
+    "environment names several processes (JAX_COORDINATOR_ADDRESS, GKE TPU / Megascale variables, SLURM, "
+    "Open MPI); on a Cloud TPU pod slice started with gcloud, pass --distributed=on.")
 
 
 def _multi_process_environment() -> bool:
-    """Whether the environment describes a multi-process job (TPU pod slice, SLURM, MPI, explicit)."""
+    """Whether the environment describes a multi-process job."""
     env = os.environ
+    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
     return bool(
-        env.get("JAX_COORDINATOR_ADDRESS")
-        or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+        env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+        or len([h for h in hosts.split(",") if h]) > 1
         or int(env.get("SLURM_NTASKS", "1")) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
 class _OwnInfoOnly(pylogging.Filter):
     """Keeps library INFO chatter (Orbax logs every save step by step) off the console."""
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or f"{os.sep}emu2_jax{os.sep}" in record.pathname
+        return record.levelno >= pylogging.WARNING or os.path.abspath(record.pathname).startswith(self.package_dir)
 
 
 def main(argv) -> None:
