@@ -355,6 +355,8 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainStat
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> TrainState:
     """Runs (or resumes) the training run of `config` in `workdir` (on `devices`, default all)."""
+    if config.nonfinite not in ("skip", "stop"):
+        raise ValueError(f"nonfinite={config.nonfinite!r}; expected 'skip' or 'stop'")
     os.makedirs(workdir, exist_ok=True)
     trainer = create_trainer(config, devices)
     model_cfg, mesh = trainer.model_cfg, trainer.mesh
