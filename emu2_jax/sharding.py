@@ -26,10 +26,12 @@ LAYERS = "layers"          # the stacked (scanned) layer axis
 VISION_EMBED = "vision_embed"  # encoder width as seen by projector / regression head
 CONV_IN = "conv_in"        # convolution input channels
 CONV_OUT = "conv_out"      # convolution output channels
-CONV_SPATIAL = "conv_spatial"
+CONV_SPATIAL = "conv_spatial"    # kernel height (flax forbids one name twice in a shape)
+CONV_SPATIAL_W = "conv_spatial_w"  # kernel width
 NORM = "norm"              # norm scales and biases
 QUERIES = "queries"        # learned query tokens of Emu's Causal Transformer connector
 POSITIONS = "positions"    # learned position embeddings
+LORA_RANK = "lora_rank"    # LoRA adapter rank
 
 # Activation axes: distinct names so that e.g. the activation batch axis and the
 # parameter embed axis may both use `fsdp` without fighting over it.
@@ -63,9 +65,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (CONV_IN, None),
     (CONV_OUT, "fsdp"),
     (CONV_SPATIAL, None),
+    (CONV_SPATIAL_W, None),
     (NORM, None),
     (QUERIES, None),
     (POSITIONS, None),
+    (LORA_RANK, None),
 )
 
 

@@ -5,6 +5,7 @@ timm imports torchvision at load time only for its data pipeline and a few layer
 model code our parity tests run (e.g. `timm.models.eva.Eva.forward_features`) executes no
 torchvision code. So, only if the real package does not import, register a minimal stand-in holding
 exactly the names timm's module-level imports need. This runs before any test module imports timm.
+transformers and diffusers are imported first with torchvision marked absent (they need none of it).
 """
 import enum
 import sys
@@ -15,6 +16,20 @@ try:
 except Exception:  # ImportError, or the RuntimeError above
     for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[_name]  # drop a half-initialised import
+    # transformers and diffusers probe for torchvision once (and cache the answer); a stand-in would
+    # look present to them, so let them see it absent, then install the stand-in for timm.
+    sys.modules["torchvision"] = None
+    try:
+        import diffusers
+        import transformers
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+        for _cls in ("UNet2DConditionModel", "AutoencoderKL", "EulerDiscreteScheduler", "DDPMScheduler"):
+            getattr(diffusers, _cls)  # resolve diffusers' lazy imports while torchvision is absent
+        transformers.LlamaForCausalLM  # noqa: B018 (same, for transformers)
+    finally:
+        del sys.modules["torchvision"]
     _STAND_IN = {
         "torchvision": [],
         "torchvision.datasets": ["CIFAR100", "CIFAR10", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder"],

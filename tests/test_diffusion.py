@@ -1,4 +1,5 @@
 """Schedule, training noise and Euler sampler against diffusers' schedulers."""
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +7,6 @@ import pytest
 import torch
 
 from emu2_jax import diffusion
-from tests.models.test_unet import import_diffusers
-
-diffusers = import_diffusers()
 
 EMU2_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                       beta_end=0.012, prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,

@@ -181,9 +181,8 @@ class EvaVisionTransformer(nn.Module):
         patches = nn.Conv(
             cfg.width, kernel_size=(cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
             padding="VALID", use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            # Kernel height and width stay unnamed (replicated): Flax rejects a logical name used twice
-            # and sharding.py has a single CONV_SPATIAL.
-            kernel_init=layers.partitioned(layers.default_kernel_init, (None, None, sh.CONV_IN, sh.CONV_OUT)),
+            kernel_init=layers.partitioned(layers.default_kernel_init,
+                                           (sh.CONV_SPATIAL, sh.CONV_SPATIAL_W, sh.CONV_IN, sh.CONV_OUT)),
             bias_init=layers.partitioned(nn.initializers.zeros_init(), (sh.CONV_OUT,)),
             name="patch_embed",
         )(images.astype(cfg.dtype))

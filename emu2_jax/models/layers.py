@@ -16,8 +16,18 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` that skips the sharding constraint while a value does not yet have
+    one dimension per name: `nn.DenseGeneral` unboxes multi-axis kernels while still flattened to 2D."""
+
+    def unbox(self, apply_constraint: bool = True) -> Any:
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
-    return nn.with_logical_partitioning(init, tuple(axes))
+    """Wraps `init` so the parameter it makes carries the logical axis names `axes`."""
+    axes = tuple(axes)
+    return lambda *args, **kwargs: _LogicallyPartitioned(init(*args, **kwargs), axes)
 
 
 def dense(

@@ -38,8 +38,6 @@ from flax import linen as nn
 from emu2_jax import sharding as sh
 from emu2_jax.models import layers
 
-# Logical name of the LoRA rank axis. Not in `sharding.LOGICAL_RULES`, so it is replicated.
-LORA_RANK = "lora_rank"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +123,10 @@ class LoRADense(nn.Module):
         out_shape = self.features if isinstance(self.features, tuple) else (self.features,)
         a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
                                                   in_axis=tuple(range(n_in)), out_axis=-1)
-        a = self.param("lora_a", layers.partitioned(a_init, (*self.kernel_axes[:n_in], LORA_RANK)),
+        a = self.param("lora_a", layers.partitioned(a_init, (*self.kernel_axes[:n_in], sh.LORA_RANK)),
                        (*in_shape, self.rank), self.param_dtype)
         b = self.param("lora_b", layers.partitioned(nn.initializers.zeros_init(),
-                                                    (LORA_RANK, *self.kernel_axes[n_in:])),
+                                                    (sh.LORA_RANK, *self.kernel_axes[n_in:])),
                        (self.rank, *out_shape), self.param_dtype)
         low = jnp.tensordot(x.astype(self.dtype), a.astype(self.dtype), axes=n_in)
         update = jnp.tensordot(low, b.astype(self.dtype), axes=1)

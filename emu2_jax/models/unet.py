@@ -24,11 +24,7 @@ from emu2_jax.models import layers
 
 Dtype = Any
 
-# Flax refuses a logical name repeated within one array, so the two kernel spatial dims need distinct
-# names. `CONV_SPATIAL_W` has no rule in `sh.LOGICAL_RULES`, i.e. it is replicated exactly like
-# `sh.CONV_SPATIAL`; it belongs in sharding.py once that file grows a second spatial name.
-CONV_SPATIAL_W = "conv_spatial_w"
-CONV_KERNEL_AXES = (sh.CONV_SPATIAL, CONV_SPATIAL_W, sh.CONV_IN, sh.CONV_OUT)
+CONV_KERNEL_AXES = (sh.CONV_SPATIAL, sh.CONV_SPATIAL_W, sh.CONV_IN, sh.CONV_OUT)
 IMAGE_ACT_AXES = (sh.ACT_BATCH, None, None, sh.ACT_EMBED)     # NHWC feature maps
 TOKEN_ACT_AXES = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)  # flattened feature maps / context
 

@@ -40,7 +40,7 @@ def test_qkv_split_and_transposes():
     cfg = POST_NORM
     sd = torch_state_dict(timm_eva(cfg))
     params = convert_eva_vit(sd, cfg)
-    e, h, d = cfg.width, cfg.num_heads, cfg.head_dim
+    e, d = cfg.width, cfg.head_dim
     qkv = sd["blocks.1.attn.qkv.weight"]
     # Output feature (head 2, dim 5) of K is row e + 2 * d + 5 of the fused weight.
     np.testing.assert_array_equal(params["blocks"]["attn"]["k"]["kernel"][1, :, 2, 5], qkv[e + 2 * d + 5])

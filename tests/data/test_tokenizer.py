@@ -1,5 +1,4 @@
 import pickle
-import sys
 
 import pytest
 
@@ -31,28 +30,12 @@ PROMPTS = [
 ]
 
 
-def import_transformers_without_torchvision():
-    """tests/conftest.py may have registered a torchvision stand-in (for timm) that transformers'
-    cached availability probe rejects; make the probe report torchvision absent (tokenizers
-    need none of it)."""
-    saved = sys.modules.pop("torchvision", None)
-    sys.modules["torchvision"] = None  # importlib.util.find_spec then returns None
-    try:
-        from transformers.utils import import_utils
-        import_utils.is_torchvision_available()
-    finally:
-        del sys.modules["torchvision"]
-        if saved is not None:
-            sys.modules["torchvision"] = saved
-
-
 def _reference(path):
     """transformers' slow, sentencepiece-backed LLaMA tokenizer with Emu2's tokens, as Emu2 used
     it (transformers 4.31, legacy=True): in transformers 5 that is `SentencePieceBackend`
     (`LlamaTokenizer` became the tokenizers-backed class). Emu2 registered every special token as
     a plain string, which 4.31 stripped whitespace around; AddedToken(lstrip, rstrip) reproduces
     that in 5.x. <unk> kept tokenizer_config.json's no-strip AddedToken."""
-    import_transformers_without_torchvision()
     from transformers import AddedToken
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 

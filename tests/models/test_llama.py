@@ -1,7 +1,6 @@
 """LlamaDecoder: parity with transformers, KV-cache decoding, packing, LoRA, sharding metadata, remat."""
 import dataclasses
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,24 +10,7 @@ import torch
 from flax import linen as nn
 
 
-def _import_transformers_without_torchvision():
-    """The venv's torchvision is a CUDA build that cannot load (tests/conftest.py may have put a
-    stand-in for timm in its place, which transformers' availability probe rejects). Make the
-    probe, which transformers caches, report torchvision absent: LLaMA needs none of it."""
-    saved = sys.modules.pop("torchvision", None)
-    sys.modules["torchvision"] = None  # makes importlib.util.find_spec return None
-    try:
-        from transformers.utils import import_utils
-        import_utils.is_torchvision_available()
-    finally:
-        del sys.modules["torchvision"]
-        if saved is not None:
-            sys.modules["torchvision"] = saved
-    import transformers
-    return transformers
-
-
-transformers = _import_transformers_without_torchvision()
+import transformers
 
 from emu2_jax.convert.llama import convert_llama
 from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache

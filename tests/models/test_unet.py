@@ -1,7 +1,5 @@
 """UNet parity against diffusers' UNet2DConditionModel on tiny random configs (float32, CPU)."""
-import importlib
-import sys
-
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,28 +13,6 @@ from emu2_jax.models import unet as unet_lib
 
 
 
-def import_diffusers():
-    """diffusers, imported with torchvision hidden.
-
-    The venv's torchvision cannot load against CPU torch, and tests/conftest.py's stand-in for it has
-    no `__spec__`, which diffusers' and transformers' availability probes choke on. Both only use
-    torchvision when it is present, so hide it (stand-in included) while diffusers and the classes
-    the tests use are imported, then put it back for timm.
-    """
-    if "diffusers" not in sys.modules:
-        hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
-        sys.modules["torchvision"] = None
-        try:
-            module = importlib.import_module("diffusers")
-            for name in ("UNet2DConditionModel", "AutoencoderKL", "EulerDiscreteScheduler", "DDPMScheduler"):
-                getattr(module, name)  # resolve diffusers' lazy imports now
-        finally:
-            del sys.modules["torchvision"]
-            sys.modules.update(hidden)
-    return sys.modules["diffusers"]
-
-
-diffusers = import_diffusers()
 
 TINY_SDXL_DIFFUSERS = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),

@@ -1,4 +1,5 @@
 """AutoencoderKL parity against diffusers on a tiny random config (float32, CPU)."""
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +10,7 @@ from flax import linen as nn
 from emu2_jax import sharding as sh
 from emu2_jax.convert.diffusers import convert_vae
 from emu2_jax.models import vae as vae_lib
-from tests.models.test_unet import import_diffusers, randomize_, state_dict_np
-
-diffusers = import_diffusers()
+from tests.models.test_unet import randomize_, state_dict_np
 
 TINY_VAE_DIFFUSERS = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,

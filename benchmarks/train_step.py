@@ -1,0 +1,198 @@
+"""One forward+backward of the `small` Emu2 preset: emu2_jax against the same model assembled
+from the PyTorch references (timm `Eva` + a linear projector + transformers `LlamaForCausalLM`),
+with the same weights, on this machine, in one invocation.
+
+Each side runs in its own child process so that its peak memory (max RSS above the
+after-import baseline) is its own. Prints tokens/s and peak memory of each, then
+`ratio=<ours/reference>` (tokens/s; > 1 means emu2_jax is faster).
+
+    python benchmarks/train_step.py [--batch=2] [--images=2] [--seq_len=320] [--steps=3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Interleaved rows: [text, image, text] x images, padded to seq_len with text; every token supervised."""
+    rng = np.random.default_rng(seed)
+    n = config.n_query
+    span = 2 + n + 6
+    if images * span > seq_len:
+        raise ValueError(f"--seq_len={seq_len} cannot hold {images} images of {n} tokens")
+    tokens = rng.integers(3, 32000, size=(batch, seq_len)).astype(np.int32)
+    for i in range(images):
+        start = 3 + i * span
+        tokens[:, start] = config.image_token_id - 2
+        tokens[:, start + 1:start + 1 + n] = config.image_token_id
+        tokens[:, start + 1 + n] = config.image_token_id - 1
+    size = config.vision.image_size
+    return {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "text_loss_mask": (np.roll(tokens, -1, axis=1) != config.image_token_id).astype(np.float32),
+        "image_loss_mask": (np.roll(tokens, -1, axis=1) == config.image_token_id).astype(np.float32),
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
+        "images": rng.normal(size=(batch, images, size, size, 3)).astype(np.float32),
+        "image_valid": np.ones((batch, images), bool),
+        "image_is_frame": np.zeros((batch, images), bool),
+    }
+
+
+def _reference_modules(config):
+    """timm Eva tower + projections + transformers LLaMA, configured like `config` (fp32)."""
+    import torch
+    from tests.torch_refs import eva_from_config, llama_from_config
+
+    torch.manual_seed(0)
+    visual = eva_from_config(config.vision)
+    llm = llama_from_config(config.llm)
+    project_up = torch.nn.Linear(config.vision.width, config.llm.hidden_size, bias=False)
+    project_down = torch.nn.Linear(config.llm.hidden_size, config.vision.width, bias=False)
+    return torch.nn.ModuleDict({"visual": visual, "llm": llm, "project_up": project_up,
+                                "project_down": project_down})
+
+
+def _run_reference(weights_path: str, args, queue) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from emu2_jax.models import presets
+
+    torch.set_num_threads(os.cpu_count())
+    config = presets.get_config("small")
+    modules = _reference_modules(config)
+    modules.load_state_dict(load_file(weights_path))
+    batch = {k: torch.from_numpy(v) for k, v in _batch(config, args.batch, args.images, args.seq_len).items()}
+    n = config.n_query
+    side = int(n ** 0.5)
+    grid = config.vision.grid_size
+    baseline = _max_rss_mib()
+
+    def step():
+        b, m = batch["images"].shape[:2]
+        pixels = batch["images"].reshape(b * m, *batch["images"].shape[2:]).permute(0, 3, 1, 2)
+        patches = modules["visual"].forward_features(pixels)[:, 1:]
+        pooled = torch.nn.functional.avg_pool2d(
+            patches.transpose(1, 2).reshape(b * m, -1, grid, grid), grid // side).flatten(2).transpose(1, 2)
+        embeds = modules["llm"].get_input_embeddings()(batch["tokens"])
+        is_image = batch["tokens"] == config.image_token_id
+        embeds = embeds.masked_scatter(is_image[..., None], modules["project_up"](pooled).reshape(-1, embeds.shape[-1]))
+        visual_at = torch.zeros(*is_image.shape, pooled.shape[-1])
+        visual_at = visual_at.masked_scatter(is_image[..., None], pooled.detach().reshape(-1, pooled.shape[-1]))
+        out = modules["llm"](inputs_embeds=embeds, output_hidden_states=True)
+        logits = out.logits
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten().long(),
+                                                reduction="none").reshape(logits.shape[:2])
+        text_loss = (nll * batch["text_loss_mask"]).sum() / batch["text_loss_mask"].sum()
+        pred = modules["project_down"](out.hidden_states[-1])
+        target = torch.nn.functional.pad(visual_at[:, 1:], (0, 0, 0, 1))
+        mse = ((pred - target) ** 2).mean(-1)
+        image_loss = (mse * batch["image_loss_mask"]).sum() / batch["image_loss_mask"].sum()
+        loss = text_loss + image_loss
+        modules.zero_grad(set_to_none=True)
+        loss.backward()
+        return float(loss)
+
+    loss = step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    elapsed = time.perf_counter() - start
+    queue.put({"loss": loss, "seconds_per_step": elapsed / args.steps, "peak_mib": _max_rss_mib() - baseline})
+
+
+def _run_ours(weights_path: str, args, queue) -> None:
+    import jax
+    from safetensors.numpy import load_file
+    from emu2_jax.convert.eva_vit import convert_eva_vit
+    from emu2_jax.convert.llama import convert_llama
+    from emu2_jax.models import emu2, presets
+
+    config = presets.get_config("small")
+    state = load_file(weights_path)
+    params = {"params": {
+        "visual": convert_eva_vit(state, config.vision, prefix="visual."),
+        "connector": {"project_up": {"kernel": state["project_up.weight"].T}},
+        "llm": convert_llama(state, config.llm, prefix="llm."),
+        "project_down": {"kernel": state["project_down.weight"].T},
+    }}
+    params = jax.device_put(params)
+    batch = _batch(config, args.batch, args.images, args.seq_len)
+    model = emu2.Emu2Model(config)
+
+    @jax.jit
+    def step(params, batch):
+        def loss_fn(p):
+            return emu2.compute_losses(model.apply(p, batch), batch)[0]
+        return jax.value_and_grad(loss_fn)(params)
+
+    baseline = _max_rss_mib()
+    loss, grads = step(params, batch)  # compile + warm-up
+    jax.block_until_ready(grads)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        jax.block_until_ready(step(params, batch))
+    elapsed = time.perf_counter() - start
+    queue.put({"loss": float(loss), "seconds_per_step": elapsed / args.steps, "peak_mib": _max_rss_mib() - baseline})
+
+
+def _child(target, weights_path, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(weights_path, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--seq_len", type=int, default=320)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    from safetensors.torch import save_file
+    from emu2_jax.models import presets
+
+    config = presets.get_config("small")
+    modules = _reference_modules(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "small.safetensors")
+        save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, weights)
+        del modules
+        tokens = args.batch * args.seq_len
+        print(f"small preset, batch {args.batch} x {args.seq_len} tokens, {args.images} images/row at "
+              f"{config.vision.image_size}px, {args.steps} timed steps, {os.cpu_count()} CPU cores", flush=True)
+        results = {}
+        for name, target in (("reference", _run_reference), ("emu2_jax", _run_ours)):
+            results[name] = _child(target, weights, args)
+            r = results[name]
+            print(f"{name:>10}: loss {r['loss']:.4f}  {r['seconds_per_step']:.2f} s/step  "
+                  f"{tokens / r['seconds_per_step']:.1f} tokens/s  peak memory {r['peak_mib']:.0f} MiB", flush=True)
+    ratio = results["reference"]["seconds_per_step"] / results["emu2_jax"]["seconds_per_step"]
+    mem_ratio = results["emu2_jax"]["peak_mib"] / max(results["reference"]["peak_mib"], 1.0)
+    print(json.dumps({k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()}))
+    print(f"memory_ratio={mem_ratio:.3f} ratio={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

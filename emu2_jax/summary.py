@@ -1,0 +1,57 @@
+"""Per-component parameter counts of a model preset, computed abstractly (no allocation).
+
+    python -m emu2_jax.summary --model=emu2_37b
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import linen as nn
+
+from emu2_jax.models import emu2, presets
+
+_MODEL = flags.DEFINE_string("model", "tiny", f"one of {sorted(presets.PRESETS)}")
+
+
+def abstract_params(config: emu2.Emu2Config) -> dict:
+    """Parameter shapes/dtypes of `Emu2Model(config)` via `jax.eval_shape` (nothing allocated)."""
+    vision = config.vision
+    batch = {
+        "tokens": jnp.zeros((1, 8), jnp.int32),
+        "positions": jnp.zeros((1, 8), jnp.int32),
+        "segment_ids": jnp.ones((1, 8), jnp.int32),
+        "images": jnp.zeros((1, 1, vision.image_size, vision.image_size, 3), jnp.float32),
+        "image_valid": jnp.ones((1, 1), bool),
+        "image_is_frame": jnp.zeros((1, 1), bool),
+    }
+    model = emu2.Emu2Model(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+    return nn.unbox(variables)["params"]
+
+
+def count_params(tree) -> int:
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def component_counts(config: emu2.Emu2Config) -> dict[str, int]:
+    params = abstract_params(config)
+    return {name: count_params(params[name]) for name in emu2.COMPONENTS}
+
+
+def main(argv):
+    del argv
+    config = presets.get_config(_MODEL.value)
+    counts = component_counts(config)
+    total = sum(counts.values())
+    print(f"model: {_MODEL.value}")
+    for name, count in counts.items():
+        print(f"  {name:<14} {count:>16,d}  ({100 * count / total:5.2f}%)")
+    print(f"  {'total':<14} {total:>16,d}  ({total / 1e9:.3f}B)")
+    print(f"total_params={total}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+"""emu2_jax: Emu2 / Emu in JAX and Flax, trainable on TPU pods and GPU meshes."""
+from setuptools import find_packages, setup
+
+# The runtime path never imports torch; the PyTorch references are test/convert extras only.
+RUNTIME = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "sentencepiece>=0.2",
+    "ml_collections>=1.1",
+    "absl-py>=2.3",
+    "chex>=0.1.92",
+    "numpy>=2.0",
+    "pillow>=10",
+]
+
+EXTRAS = {
+    # torch 2.13.0 is the CPU build available here; anything else would pull CUDA wheels.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "transformers>=4.44",
+        "timm>=1.0.9",
+        "diffusers>=0.30",
+        "safetensors>=0.4",
+    ],
+    "convert": ["torch==2.13.0", "safetensors>=0.4"],
+    "tpu": ["libtpu"],
+}
+
+setup(
+    name="emu2_jax",
+    version="0.1.0",
+    description="Emu2 and Emu generative multimodal models in JAX/Flax: training, conversion, inference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["emu2_jax", "emu2_jax.*"]),
+    include_package_data=True,
+    package_data={"emu2_jax": ["data/embedded/**/*"]},
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+)
