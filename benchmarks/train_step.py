@@ -58,11 +58,11 @@ def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict
 def _reference_modules(config):
     """timm Eva tower + projections + transformers LLaMA, configured like `config` (fp32)."""
     import torch
-    from tests.torch_refs import eva_from_config, llama_from_config
+    from tests.torch_refs import hf_llama, timm_eva
 
     torch.manual_seed(0)
-    visual = eva_from_config(config.vision)
-    llm = llama_from_config(config.llm)
+    visual = timm_eva(config.vision)
+    llm = hf_llama(config.llm)
     project_up = torch.nn.Linear(config.vision.width, config.llm.hidden_size, bias=False)
     project_down = torch.nn.Linear(config.llm.hidden_size, config.vision.width, bias=False)
     return torch.nn.ModuleDict({"visual": visual, "llm": llm, "project_up": project_up,

@@ -240,15 +240,20 @@ class Throughput:
 def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> str:
     """`step 120/1000 | loss 2.31 (text 2.31, image 0.00, acc 0.41) | lr llm 3.00e-05 ... | ETA 4m10s`;
     the throughput parts appear when `values` has them (not for the first, compiling step)."""
-    parts = [f"step {step}/{total_steps}",
-             f"loss {values['loss']:.4f} (text {values['text_loss']:.4f}, image {values['image_loss']:.4f}, "
-             f"acc {values['text_accuracy']:.3f})"]
+    loss = f"loss {values['loss']:.4f}"
+    if "text_loss" in values:  # the LLM stages; the decoder stage's loss is the denoising MSE alone
+        loss += (f" (text {values['text_loss']:.4f}, image {values['image_loss']:.4f}, "
+                 f"acc {values['text_accuracy']:.3f})")
+    elif "cond_dropped" in values:
+        loss += f" (condition dropped {100 * values['cond_dropped']:.0f}%)"
+    parts = [f"step {step}/{total_steps}", loss]
     lrs = " ".join(f"{k[3:]} {v:.2e}" for k, v in values.items() if k.startswith("lr/"))
     if lrs:
         parts.append(f"lr {lrs}")
     parts.append(f"grad_norm {values['grad_norm']:.3f}")
     if "tokens_per_sec" in values:
-        parts.append(f"{values['tokens_per_sec']:.0f} tok/s, {values['images_per_sec']:.1f} img/s")
+        tokens = f"{values['tokens_per_sec']:.0f} tok/s, " if values["tokens_per_sec"] else ""
+        parts.append(f"{tokens}{values['images_per_sec']:.1f} img/s")
         parts.append(f"MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "MFU n/a")
         parts.append(f"ETA {format_duration(values['eta_seconds'])}")
     if values.get("nonfinite"):

@@ -1,7 +1,7 @@
 """The optimizer of every training stage.
 
 AdamW with one peak learning rate per parameter group (`visual` encoder, `projector` = connector +
-project_down, `llm`), warmup then cosine / linear / constant decay, and global-norm clipping. Only the
+project_down, `llm`; the visual-decoder stage's `unet`), warmup then cosine / linear / constant decay, and global-norm clipping. Only the
 trainable parameters are handed to the optimizer: frozen components (and, with LoRA, every LLM
 weight except the adapters) keep no optimizer state and are never differentiated.
 
@@ -25,23 +25,26 @@ from emu2_jax.models.emu2 import COMPONENTS
 PyTree = Any
 Path = tuple[str, ...]
 
-# Parameter group (one peak learning rate each) of every top-level component.
-GROUP_OF_COMPONENT = {"visual": "visual", "connector": "projector", "project_down": "projector", "llm": "llm"}
-GROUPS = ("visual", "projector", "llm")
+# Parameter group (one peak learning rate each) of every top-level component: Emu2Model's, then the
+# visual decoder's (emu2_jax.decoder_task: its encoder is `visual` too).
+GROUP_OF_COMPONENT = {"visual": "visual", "connector": "projector", "project_down": "projector", "llm": "llm",
+                      "unet": "unet", "vae": "vae"}
+GROUPS = ("visual", "projector", "llm", "unet", "vae")
 LORA_PARAMS = ("lora_a", "lora_b")
 # Leaf names that get weight decay: matrices, not norms, biases, embeddings or position tables.
 _DECAYED = ("kernel",) + LORA_PARAMS
 
 
-def trainable_predicate(trainable_components: Sequence[str], lora: bool) -> Callable[[Path], bool]:
+def trainable_predicate(trainable_components: Sequence[str], lora: bool,
+                        components: Sequence[str] = COMPONENTS) -> Callable[[Path], bool]:
     """Says from a parameter path whether it is trained.
 
-    trainable_components: top-level names (COMPONENTS) that train; the rest is frozen.
+    trainable_components: top-level names (of `components`, the model's) that train; the rest is frozen.
     lora: train only the LoRA adapters inside `llm` (the LLM's own weights stay frozen).
     """
-    unknown = set(trainable_components) - set(COMPONENTS)
+    unknown = set(trainable_components) - set(components)
     if unknown:
-        raise ValueError(f"unknown trainable components {sorted(unknown)}; expected a subset of {COMPONENTS}")
+        raise ValueError(f"unknown trainable components {sorted(unknown)}; expected a subset of {tuple(components)}")
 
     def is_trainable(path: Path) -> bool:
         if path[0] not in trainable_components:
@@ -108,13 +111,17 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
     """AdamW over the trainable subtree, one schedule per group; returns (tx, {group: schedule}).
 
     config: the stage config's `optimizer` block (b1, b2, eps, weight_decay, grad_clip_norm,
-    learning_rate.{visual,projector,llm}, warmup_steps / warmup_ratio, decay, end_lr_factor).
+    learning_rate.{group: peak} for the groups (GROUPS) of the trainable components, warmup_steps /
+    warmup_ratio, decay, end_lr_factor).
     """
-    schedules = {g: make_schedule(config, float(config.learning_rate[g]), total_steps) for g in GROUPS}
+    unknown = set(config.learning_rate) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"optimizer.learning_rate has unknown group(s) {sorted(unknown)}; groups: {GROUPS}")
+    schedules = {g: make_schedule(config, float(config.learning_rate[g]), total_steps) for g in config.learning_rate}
     per_group = {
         g: optax.adamw(schedules[g], b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=config.weight_decay, mask=decay_mask)
-        for g in GROUPS
+        for g in schedules
     }
     chain = []
     if config.grad_clip_norm > 0:

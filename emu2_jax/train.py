@@ -1,13 +1,19 @@
-r"""Trains Emu2 / Emu at any stage of the papers' recipe.
+r"""Trains Emu2 / Emu at any stage of the papers' recipe, the visual decoder included.
 
     python -m emu2_jax.train --config=configs/stage1.py:tiny --workdir=/tmp/emu2_stage1
+    python -m emu2_jax.train --config=configs/decoder.py:tiny --workdir=/tmp/emu2_decoder
 
 Each stage is a config file (configs/<stage>.py; `:tiny` runs on a laptop CPU in minutes) and any
 field can be overridden on the command line, e.g. `--config.total_steps=200`. Running the same
 command again resumes from the latest checkpoint in the workdir. What lands in the workdir:
   checkpoints/<step>/   Orbax checkpoints (state, data-iterator state, config), see checkpointing.py
   events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU)
-  samples/step_<N>.json greedy captions of sample images
+  samples/step_<N>.json greedy captions of sample images (LLM stages)
+
+What differs between stages is a *task*: the LLM stages' `LlmTask` (Emu2Model, text cross-entropy +
+visual regression) or the `decoder` stage's `decoder_task.DecoderTask` (frozen encoder and VAE, UNet
+denoising loss). A task gives the model, the batch layout, the loss of a microbatch, the data
+iterator and the FLOPs of a step; the loop, optimizer, shardings and checkpoints are shared.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import json
 import logging as pylogging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax
 import jax
@@ -30,7 +36,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from emu2_jax import checkpointing, generate, metrics, optim
+from emu2_jax import checkpointing, decoder_task, generate, metrics, optim
 from emu2_jax import sharding as sh
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import pipeline, tokenizer as tokenizer_lib
@@ -98,16 +104,14 @@ def check_fits_host(config: ml_collections.ConfigDict, num_params: int) -> None:
             f"--config=configs/{config.stage}.py:tiny ; to insist, pass --config.allow_large_on_cpu=True.")
 
 
-def with_logical_rules(fn: Callable) -> Callable:
-    """Traces `fn` with the project's logical-axis rules active (they are read at trace time).
-
-    Parameters and batches are placed by the jit shardings; Flax turns the models' activation
-    annotations into constraints only under a mesh context as well, which `layers.dense` does not
-    support yet (its multi-axis kernels are boxed at a flattened shape during the shape check).
-    """
+def with_logical_rules(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """Traces `fn` with the project's logical-axis rules and `mesh` (abstractly) active; both are
+    read at trace time. Parameters and batches are placed by the jit shardings; Flax turns the
+    models' activation annotations (`nn.with_logical_constraint`) into sharding constraints only
+    when a mesh is in context."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with nn.logical_axis_rules(sh.LOGICAL_RULES):
+        with nn.logical_axis_rules(sh.LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
     return wrapped
 
@@ -117,10 +121,12 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return sh.logical_to_sharding(PartitionSpec(None, sh.ACT_BATCH), mesh)
 
 
-def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int) -> dict[str, jax.Array]:
-    """This process's rows [B_local, ...] -> global arrays [accum, B_global / accum, ...]."""
+def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int,
+                      keys: Sequence[str] = BATCH_KEYS) -> dict[str, jax.Array]:
+    """This process's rows [B_local, ...] -> global arrays [accum, B_global / accum, ...] of `keys`
+    (the task's `batch_keys`)."""
     out = {}
-    for key in BATCH_KEYS:
+    for key in keys:
         value = np.asarray(local[key])
         value = value.reshape(accum_steps, value.shape[0] // accum_steps, *value.shape[1:])
         global_shape = (accum_steps, value.shape[1] * jax.process_count(), *value.shape[2:])
@@ -129,47 +135,115 @@ def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Tasks: what differs between the LLM stages and the visual-decoder stage.
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmTask:
+    """The Emu2 / Emu LLM stages: Emu2Model, text cross-entropy + visual-embedding regression."""
+    config: ml_collections.ConfigDict
+    model_cfg: emu2.Emu2Config
+    model: emu2.Emu2Model
+    components = emu2.COMPONENTS
+    batch_keys = BATCH_KEYS
+    metric_names = ("text_loss", "image_loss", "text_accuracy")
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict) -> "LlmTask":
+        model_cfg = model_config(config)
+        return cls(config=config, model_cfg=model_cfg, model=emu2.Emu2Model(model_cfg))
+
+    @property
+    def lora(self) -> bool:
+        return uses_lora(self.model_cfg)
+
+    def dummy_batch(self, rows: int) -> dict[str, Any]:
+        return dummy_batch(self.config, self.model_cfg, rows)
+
+    def loss_normalizers(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Supervised text / image positions of the whole batch [accum, rows, ...]."""
+        return {"text": jnp.maximum(batch["text_loss_mask"].sum(), 1.0),
+                "image": jnp.maximum(batch["image_loss_mask"].sum(), 1.0)}
+
+    def micro_loss(self, params: PyTree, micro: Mapping[str, jax.Array], normalizers: Mapping[str, jax.Array],
+                   rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Each microbatch's loss is weighted by its share of the batch's supervised tokens, so the
+        accumulated gradient equals that of the whole batch."""
+        del rng  # deterministic
+        text_weight, image_weight = self.config.text_loss_weight, self.config.image_loss_weight
+        outputs = self.model.apply({"params": params}, micro)
+        _, m = emu2.compute_losses(outputs, micro, text_weight=text_weight, image_weight=image_weight)
+        text_share, image_share = m["text_tokens"] / normalizers["text"], m["image_tokens"] / normalizers["image"]
+        parts = {"text_loss": m["text_loss"] * text_share, "image_loss": m["image_loss"] * image_share,
+                 "text_accuracy": m["text_accuracy"] * text_share}
+        return text_weight * parts["text_loss"] + image_weight * parts["image_loss"], parts
+
+    def counts(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
+                "images": batch["image_valid"].sum().astype(jnp.float32)}
+
+    def training_flops(self, abstract_params: PyTree) -> float:
+        del abstract_params  # analytic
+        config, rows = self.config, self.config.global_batch_size
+        return metrics.training_flops(self.model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len,
+                                      images=rows * max(config.max_images_per_row, 1),
+                                      trainable=tuple(config.trainable), lora=self.lora)
+
+    def create_iterator(self, config: ml_collections.ConfigDict, batch_size: int, shard_index: int,
+                        shard_count: int):
+        return pipeline.create_train_iterator(
+            config.data, tokenizer=load_tokenizer(config, self.model_cfg), seq_len=config.seq_len,
+            batch_size=batch_size, image_size=self.model_cfg.vision.image_size, n_query=self.model_cfg.n_query,
+            v_query=self.model_cfg.v_query, max_images_per_row=config.max_images_per_row, seed=config.seed,
+            shard_index=shard_index, shard_count=shard_count)
+
+
+Task = Union[LlmTask, decoder_task.DecoderTask]
+
+
+def make_task(config: ml_collections.ConfigDict) -> Task:
+    """The `decoder` stage's task, or the LLM task of every other stage."""
+    return decoder_task.DecoderTask.create(config) if config.stage == "decoder" else LlmTask.create(config)
+
+
+# ---------------------------------------------------------------------------------------------
 # The train step.
 
 
-def make_train_step(model: emu2.Emu2Model, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, is_trainable: Callable,
-                    schedules: Mapping[str, optax.Schedule], trainable_shardings: PyTree,
+def make_train_step(task: Task, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    is_trainable: Callable, schedules: Mapping[str, optax.Schedule], trainable_shardings: PyTree,
                     micro_sharding: NamedSharding) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """One optimizer update from a batch [accum, rows, ...], accumulating gradients over `accum`.
 
-    Gradients are taken w.r.t. the trainable subtree only, so XLA drops the frozen backward. Each
-    microbatch's loss is weighted by its share of the batch's supervised tokens, so the
-    accumulated gradient equals that of the whole batch. An update whose loss, gradient or new
-    parameters hold a NaN/Inf is skipped (parameters and optimizer state kept, step counted).
+    Gradients are taken w.r.t. the trainable subtree only, so XLA drops the frozen backward. The
+    task's microbatch losses sum to the batch's loss. Randomness (the decoder's noise) comes from
+    `config.seed` folded with the step and the microbatch, so a resumed run draws the same. An update
+    whose loss, gradient or new parameters hold a NaN/Inf is skipped (parameters and optimizer state
+    kept, step counted).
     """
-    text_weight, image_weight = config.text_loss_weight, config.image_loss_weight
-
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         trainable, frozen = optim.split_params(state.params, is_trainable)
-        text_total = jnp.maximum(batch["text_loss_mask"].sum(), 1.0)
-        image_total = jnp.maximum(batch["image_loss_mask"].sum(), 1.0)
+        normalizers = task.loss_normalizers(batch)
+        step_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
-        def micro_loss(trainable, micro):
+        def micro_loss(trainable, micro, rng):
             micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-            outputs = model.apply({"params": optim.merge_params(trainable, frozen)}, micro)
-            _, m = emu2.compute_losses(outputs, micro, text_weight=text_weight, image_weight=image_weight)
-            text_share, image_share = m["text_tokens"] / text_total, m["image_tokens"] / image_total
-            parts = {"text_loss": m["text_loss"] * text_share, "image_loss": m["image_loss"] * image_share,
-                     "text_accuracy": m["text_accuracy"] * text_share}
-            return text_weight * parts["text_loss"] + image_weight * parts["image_loss"], parts
+            return task.micro_loss(optim.merge_params(trainable, frozen), micro, normalizers, rng)
 
-        def accumulate(carry, micro):
-            grads, parts = carry
-            (_, micro_parts), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, micro)
+        def accumulate(carry, inputs):
+            grads, loss, parts = carry
+            micro, index = inputs
+            (micro_loss_value, micro_parts), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+                trainable, micro, jax.random.fold_in(step_rng, index))
             grads = jax.tree.map(lambda g, u: g + u.astype(jnp.float32), grads, micro_grads)
             grads = jax.lax.with_sharding_constraint(grads, trainable_shardings)
-            return (grads, jax.tree.map(jnp.add, parts, micro_parts)), None
+            return (grads, loss + micro_loss_value, jax.tree.map(jnp.add, parts, micro_parts)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        zero_parts = {k: jnp.zeros((), jnp.float32) for k in ("text_loss", "image_loss", "text_accuracy")}
-        (grads, parts), _ = jax.lax.scan(accumulate, (zeros, zero_parts), batch)
-        loss = text_weight * parts["text_loss"] + image_weight * parts["image_loss"]
+        zero_parts = {k: jnp.zeros((), jnp.float32) for k in task.metric_names}
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (grads, loss, parts), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), zero_parts),
+                                               (batch, jnp.arange(accum)))
 
         updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
@@ -180,11 +254,8 @@ def make_train_step(model: emu2.Emu2Model, tx: optax.GradientTransformation,
             step=state.step + 1,
             params=optim.merge_params(keep(new_trainable, trainable), frozen),
             opt_state=keep(new_opt_state, state.opt_state))
-        step_metrics = {
-            **parts, "loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32),
-            "tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
-            "images": batch["image_valid"].sum().astype(jnp.float32),
-        }
+        step_metrics = {**parts, **task.counts(batch), "loss": loss, "grad_norm": grad_norm,
+                        "nonfinite": (~finite).astype(jnp.float32)}
         groups = sorted({optim.GROUP_OF_COMPONENT[c] for c in trainable})
         step_metrics.update({f"lr/{g}": schedules[g](state.step) for g in groups})
         return new_state, step_metrics
@@ -273,8 +344,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """What a run builds from its config before the first step (nothing allocated yet)."""
-    model_cfg: emu2.Emu2Config
-    model: emu2.Emu2Model
+    task: Task
     mesh: jax.sharding.Mesh
     tx: optax.GradientTransformation
     is_trainable: Callable
@@ -286,14 +356,21 @@ class Trainer:
     num_trainable: int
 
     @property
+    def model_cfg(self) -> Any:
+        return self.task.model_cfg
+
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
+    @property
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
 
 def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
     """Model, mesh, shardings, optimizer and the jitted train step of `config` (on `devices`, default all)."""
-    model_cfg = model_config(config)
-    model = emu2.Emu2Model(model_cfg)
+    task = make_task(config)
     mesh = sh.create_mesh(config.mesh_shape, devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     rows, batch_shards = config.global_batch_size, mesh.shape["data"] * mesh.shape["fsdp"]
@@ -302,14 +379,17 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
                          f"microbatches over {batch_shards} data/fsdp shards and {jax.process_count()} processes")
 
     # Parameters: shapes and logical axes from an abstract init, then shardings on this mesh.
-    abstract = jax.eval_shape(model.init, jax.random.key(0), dummy_batch(config, model_cfg, 1))
+    abstract = jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1))
     param_shardings = sh.logical_to_sharding(nn.get_partition_spec(abstract), mesh)["params"]
     abstract_params = nn.unbox(abstract)["params"]
     check_fits_host(config, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)))
 
     # Optimizer state exists for the trainable subtree only.
-    is_trainable = optim.trainable_predicate(tuple(config.trainable), lora=uses_lora(model_cfg))
+    is_trainable = optim.trainable_predicate(tuple(config.trainable), lora=task.lora, components=task.components)
     tx, schedules = optim.create_optimizer(config.optimizer, config.total_steps)
+    missing = {optim.GROUP_OF_COMPONENT[c] for c in config.trainable} - set(schedules)
+    if missing:
+        raise ValueError(f"trainable={tuple(config.trainable)} needs optimizer.learning_rate for {sorted(missing)}")
     abstract_trainable, _ = optim.split_params(abstract_params, is_trainable)
     trainable_shardings, _ = optim.split_params(param_shardings, is_trainable)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_trainable)
@@ -321,10 +401,10 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
         state_shardings)
 
     micro_sharding = sh.logical_to_sharding(PartitionSpec(sh.ACT_BATCH), mesh)
-    step_fn = make_train_step(model, tx, config, is_trainable, schedules, trainable_shardings, micro_sharding)
-    train_step = jax.jit(with_logical_rules(step_fn), in_shardings=(state_shardings, batch_sharding(mesh)),
+    step_fn = make_train_step(task, tx, config, is_trainable, schedules, trainable_shardings, micro_sharding)
+    train_step = jax.jit(with_logical_rules(step_fn, mesh), in_shardings=(state_shardings, batch_sharding(mesh)),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    return Trainer(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, is_trainable=is_trainable,
+    return Trainer(task=task, mesh=mesh, tx=tx, is_trainable=is_trainable,
                    param_shardings=param_shardings, state_shardings=state_shardings,
                    abstract_state=abstract_state, batch_sharding=batch_sharding(mesh), train_step=train_step,
                    num_trainable=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_trainable)))
@@ -332,7 +412,7 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
 
 def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
     """A fresh state at step 0: random parameters, or `init_from`'s for `init_components`."""
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dummy_batch(config, trainer.model_cfg, 1))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), trainer.task.dummy_batch(1))
     init = jax.jit(lambda rng: nn.unbox(trainer.model.init(rng, zeros))["params"],
                    out_shardings=trainer.param_shardings)
     params = init(jax.random.key(config.seed))
@@ -359,19 +439,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise ValueError(f"nonfinite={config.nonfinite!r}; expected 'skip' or 'stop'")
     os.makedirs(workdir, exist_ok=True)
     trainer = create_trainer(config, devices)
-    model_cfg, mesh = trainer.model_cfg, trainer.mesh
+    task, model_cfg, mesh = trainer.task, trainer.model_cfg, trainer.mesh
+    if config.sample_every_steps and not isinstance(task, LlmTask):
+        raise ValueError(f"stage {config.stage!r} writes no samples during training (set sample_every_steps=0); "
+                         f"decode images of a checkpoint with `python -m emu2_jax.autoencode`")
     replicated = NamedSharding(mesh, PartitionSpec())
     logging.info("Model %s: %.3fB parameters, %.3fB trainable (%s%s); mesh %s", config.model,
                  trainer.num_params / 1e9, trainer.num_trainable / 1e9, ",".join(config.trainable),
-                 ", LoRA adapters only in llm" if uses_lora(model_cfg) else "", dict(mesh.shape))
+                 ", LoRA adapters only in llm" if task.lora else "", dict(mesh.shape))
 
     # Data: this process's rows of every global batch.
-    tokenizer = load_tokenizer(config, model_cfg)
-    data_iter = pipeline.create_train_iterator(
-        config.data, tokenizer=tokenizer, seq_len=config.seq_len,
-        batch_size=config.global_batch_size // jax.process_count(), image_size=model_cfg.vision.image_size,
-        n_query=model_cfg.n_query, v_query=model_cfg.v_query, max_images_per_row=config.max_images_per_row,
-        seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+    data_iter = task.create_iterator(config, config.global_batch_size // jax.process_count(),
+                                     jax.process_index(), jax.process_count())
 
     # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
     manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
@@ -387,17 +466,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Reporting.
     writer = metrics.SummaryWriter(workdir) if jax.process_index() == 0 else None
-    rows = config.global_batch_size
-    flops = metrics.training_flops(model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len,
-                                   images=rows * max(config.max_images_per_row, 1),
-                                   trainable=tuple(config.trainable), lora=uses_lora(model_cfg))
+    flops = task.training_flops(trainer.abstract_state.params)
     peak = config.peak_tflops_per_device * 1e12 or metrics.peak_flops_per_device()
     if config.sample_every_steps:
+        tokenizer = load_tokenizer(config, model_cfg)
         samples, sample_pixels = load_sample_images(config, model_cfg.vision.image_size)
         sample_prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
                                      sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, sample_pixels))
         sampler = with_logical_rules(generate.make_greedy_generate(
-            trainer.model, max_new_tokens=config.sample_max_new_tokens))
+            trainer.model, max_new_tokens=config.sample_max_new_tokens), mesh)
     preemption = checkpointing.PreemptionWatcher(manager)
 
     def save(step: int, force: bool = False) -> None:
@@ -422,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pending = None
         history.append(host)
         if host["nonfinite"]:
-            parts = ", ".join(f"{k} {float(host[k]):.4g}" for k in ("loss", "text_loss", "image_loss", "grad_norm"))
+            parts = ", ".join(f"{k} {float(host[k]):.4g}" for k in ("loss", *task.metric_names, "grad_norm"))
             if config.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss or update at step {step} ({parts}); stopping as "
                                          f"config.nonfinite='stop' says (the update was not applied)")
@@ -434,7 +511,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         throughput = None
         loop_start = time.perf_counter()
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = make_global_batch(next(data_iter), trainer.batch_sharding, config.grad_accum_steps)
+            batch = make_global_batch(next(data_iter), trainer.batch_sharding, config.grad_accum_steps,
+                                      task.batch_keys)
             state, step_metrics = trainer.train_step(state, batch)
             flush()  # the previous step's, which has finished by now: no stall of the device queue
             pending = (step, step_metrics)

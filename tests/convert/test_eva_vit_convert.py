@@ -7,7 +7,8 @@ from flax import linen as nn
 
 from emu2_jax.convert.eva_vit import convert_eva_vit
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
-from tests.models.test_eva_vit import EVA02_VARIANTS, POST_NORM, PRE_NORM, timm_eva, torch_state_dict
+from tests.models.test_eva_vit import EVA02_VARIANTS, POST_NORM, PRE_NORM
+from tests.torch_refs import state_dict_np, timm_eva
 
 
 def _init_params(cfg: VisionConfig) -> dict:
@@ -28,7 +29,7 @@ _CASES = {
 @pytest.mark.parametrize("name", list(_CASES))
 def test_converted_tree_matches_init(name):
     cfg, qkv_fused = _CASES[name]
-    params = convert_eva_vit(torch_state_dict(timm_eva(cfg, qkv_fused=qkv_fused)), cfg)
+    params = convert_eva_vit(state_dict_np(timm_eva(cfg, qkv_fused=qkv_fused)), cfg)
     expected = _init_params(cfg)
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
@@ -38,7 +39,7 @@ def test_converted_tree_matches_init(name):
 
 def test_qkv_split_and_transposes():
     cfg = POST_NORM
-    sd = torch_state_dict(timm_eva(cfg))
+    sd = state_dict_np(timm_eva(cfg))
     params = convert_eva_vit(sd, cfg)
     e, d = cfg.width, cfg.head_dim
     qkv = sd["blocks.1.attn.qkv.weight"]
@@ -54,7 +55,7 @@ def test_qkv_split_and_transposes():
 def test_prefix_and_ignored_keys():
     """HF Emu2 layout: tower under "model.visual.", other model parts next to it; timm extras are dropped."""
     cfg = POST_NORM
-    sd = torch_state_dict(timm_eva(cfg))
+    sd = state_dict_np(timm_eva(cfg))
     reference = convert_eva_vit(sd, cfg)
     prefixed = {"model.visual." + k: v for k, v in sd.items()}
     prefixed.update({
@@ -72,7 +73,7 @@ def test_prefix_and_ignored_keys():
 
 def test_missing_key_raises():
     cfg = POST_NORM
-    sd = {"visual." + k: v for k, v in torch_state_dict(timm_eva(cfg)).items()}
+    sd = {"visual." + k: v for k, v in state_dict_np(timm_eva(cfg)).items()}
     del sd["visual.blocks.1.attn.v_bias"]
     with pytest.raises(ValueError, match=r"missing key 'visual\.blocks\.1\.attn\.v_bias'"):
         convert_eva_vit(sd, cfg, prefix="visual.")
@@ -80,14 +81,14 @@ def test_missing_key_raises():
 
 def test_final_norm_missing_raises():
     with pytest.raises(ValueError, match=r"missing key 'norm\.weight'"):
-        convert_eva_vit(torch_state_dict(timm_eva(POST_NORM)), VisionConfig(**{**POST_NORM.__dict__,
+        convert_eva_vit(state_dict_np(timm_eva(POST_NORM)), VisionConfig(**{**POST_NORM.__dict__,
                                                                                "final_norm": True}))
 
 
 def test_unfused_qkv_missing_key_raises():
     overrides, _ = EVA02_VARIANTS["rope_swiglu_packed_unfused_qkv"]
     cfg = VisionConfig(**{**POST_NORM.__dict__, **overrides})
-    sd = torch_state_dict(timm_eva(cfg, qkv_fused=False))
+    sd = state_dict_np(timm_eva(cfg, qkv_fused=False))
     del sd["blocks.0.attn.k_proj.weight"]
     with pytest.raises(ValueError, match=r"missing key 'blocks\.0\.attn\.k_proj\.weight'"):
         convert_eva_vit(sd, cfg)
@@ -95,7 +96,7 @@ def test_unfused_qkv_missing_key_raises():
 
 def test_wrong_shape_raises():
     cfg = POST_NORM
-    sd = torch_state_dict(timm_eva(cfg))
+    sd = state_dict_np(timm_eva(cfg))
     sd["pos_embed"] = np.zeros((1, 17, cfg.width), np.float32)  # e.g. a 56 px checkpoint for a 42 px config
     with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 17, 64\), expected \(1, 10, 64\)"):
         convert_eva_vit(sd, cfg)
@@ -103,6 +104,6 @@ def test_wrong_shape_raises():
 
 def test_unexpected_key_raises():
     """A final norm in the checkpoint that the config does not use must not be silently dropped."""
-    sd = torch_state_dict(timm_eva(PRE_NORM))
+    sd = state_dict_np(timm_eva(PRE_NORM))
     with pytest.raises(ValueError, match=r"unexpected keys.*'norm\.bias', 'norm\.weight'"):
         convert_eva_vit(sd, VisionConfig(**{**PRE_NORM.__dict__, "final_norm": False}))

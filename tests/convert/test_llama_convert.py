@@ -7,7 +7,8 @@ from flax import linen as nn
 
 from emu2_jax.convert.llama import convert_llama
 from emu2_jax.models.llama import LlamaDecoder
-from tests.models.test_llama import hf_llama, init_params, state_dict_of, tiny_config
+from tests.models.test_llama import init_params, tiny_config
+from tests.torch_refs import hf_llama, state_dict_np
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def hf_state(config):
-    return state_dict_of(hf_llama(config, seed=7))
+    return state_dict_np(hf_llama(config, seed=7))
 
 
 def test_layout_matches_init_with_emu2_prefix(config, hf_state):

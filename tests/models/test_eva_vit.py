@@ -1,6 +1,4 @@
 """EVA vision tower: parity with timm's `Eva`, sharding metadata, remat, mixed precision."""
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -8,48 +6,15 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from timm.models.eva import Eva
 
 from emu2_jax import sharding as sh
 from emu2_jax.convert.eva_vit import convert_eva_vit
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
+from tests.torch_refs import state_dict_np, timm_eva
 
 POST_NORM = VisionConfig(image_size=42, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=160)
 PRE_NORM = VisionConfig(image_size=28, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=160,
                         post_norm=False, final_norm=True)
-
-
-def timm_eva(cfg: VisionConfig, seed: int = 0, qkv_fused: bool = True) -> Eva:
-    """timm's Eva built as the tower described by `cfg` (SPEC.md §1), with random weights everywhere.
-
-    timm 1.0.x: `use_post_transformer_norm` switches the final `norm` (otherwise on by default when there
-    is no fc_norm); num_classes=0 / global_pool='' / use_fc_norm=False remove the head and pooled norm.
-    """
-    torch.manual_seed(seed)
-    ref_grid = None if cfg.rope_ref_grid is None else (cfg.rope_ref_grid,) * 2
-    model = Eva(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, qkv_bias=cfg.qkv_bias,
-                qkv_fused=qkv_fused, use_post_norm=cfg.post_norm, use_rot_pos_emb=cfg.use_rope,
-                ref_feat_shape=ref_grid, swiglu_mlp=cfg.swiglu, scale_mlp=cfg.sub_ln,
-                scale_attn_inner=cfg.sub_ln, num_classes=0, global_pool="", use_fc_norm=False,
-                use_post_transformer_norm=cfg.final_norm,
-                norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps)).eval()
-    # timm initialises LayerNorms and q/v biases trivially; randomise all so that every parameter matters.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name in ("cls_token", "pos_embed"):
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))  # 1 / sqrt(fan_in)
-    return model
-
-
-def torch_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def _images(cfg: VisionConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -62,7 +27,7 @@ def _assert_parity(cfg: VisionConfig, qkv_fused: bool = True) -> float:
     images = _images(cfg)
     with torch.no_grad():
         expected = ref.forward_features(images).numpy()
-    params = convert_eva_vit(torch_state_dict(ref), cfg)
+    params = convert_eva_vit(state_dict_np(ref), cfg)
     got = EvaVisionTransformer(cfg).apply({"params": params}, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
     assert got.shape == expected.shape == (2, 1 + cfg.num_patches, cfg.width)
     diff = float(np.max(np.abs(np.asarray(got) - expected)))
@@ -184,7 +149,7 @@ def test_remat_full_matches_none_gradients():
 
 def test_bf16_compute_close_to_fp32():
     ref = timm_eva(PRE_NORM)
-    params = convert_eva_vit(torch_state_dict(ref), PRE_NORM)
+    params = convert_eva_vit(state_dict_np(ref), PRE_NORM)
     images = jnp.asarray(_images(PRE_NORM).numpy().transpose(0, 2, 3, 1))
     fp32 = EvaVisionTransformer(PRE_NORM).apply({"params": params}, images)
     bf16_cfg = VisionConfig(**{**PRE_NORM.__dict__, "dtype": jnp.bfloat16})

@@ -10,10 +10,10 @@ import torch
 from flax import linen as nn
 
 
-import transformers
 
 from emu2_jax.convert.llama import convert_llama
 from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache
+from tests.torch_refs import hf_llama, state_dict_np
 
 TOL = 1e-4
 
@@ -22,29 +22,6 @@ def tiny_config(**overrides) -> LlamaConfig:
     base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                 intermediate_size=112, rms_norm_eps=1e-5, rope_theta=500.0, max_cache_length=24)
     return LlamaConfig(**{**base, **overrides})
-
-
-def hf_llama(config: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
-    """A random transformers LLaMA matching `config`, with non-trivial RMSNorm weights."""
-    torch.manual_seed(seed)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=64, tie_word_embeddings=False,
-        initializer_range=0.1,  # larger than the default 0.02 so logits are far from zero
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):  # HF initialises these to ones
-                param.copy_(1.0 + 0.5 * torch.randn_like(param))
-    return model
-
-
-def state_dict_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def arange_positions(batch: int, length: int) -> jax.Array:
@@ -68,7 +45,7 @@ def forward(config: LlamaConfig, params, tokens, positions=None, segment_ids=Non
 def test_llama_logits_parity(num_kv_heads):
     config = tiny_config(num_kv_heads=num_kv_heads)
     hf = hf_llama(config, seed=num_kv_heads)
-    params = convert_llama(state_dict_of(hf), config)
+    params = convert_llama(state_dict_np(hf), config)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         ref_logits = hf(torch.from_numpy(tokens)).logits.numpy()
@@ -183,7 +160,7 @@ def test_every_param_has_logical_axes():
 def test_bf16_compute_close_to_fp32():
     config = tiny_config(num_kv_heads=2)
     hf = hf_llama(config, seed=5)
-    params = convert_llama(state_dict_of(hf), config)
+    params = convert_llama(state_dict_np(hf), config)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (2, 12)), jnp.int32)
     ref = np.asarray(forward(config, params, tokens))
     bf16 = forward(dataclasses.replace(config, dtype=jnp.bfloat16), params, tokens)

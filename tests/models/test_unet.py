@@ -10,6 +10,7 @@ from flax import linen as nn
 from emu2_jax import sharding as sh
 from emu2_jax.convert.diffusers import convert_unet
 from emu2_jax.models import unet as unet_lib
+from tests.torch_refs import state_dict_np
 
 
 
@@ -55,10 +56,6 @@ def torch_unet(cfg: dict, seed: int = 0) -> diffusers.UNet2DConditionModel:
     model = diffusers.UNet2DConditionModel(**cfg).eval()
     randomize_(model, seed)
     return model
-
-
-def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def run_parity(cfg_dict: dict, added: bool) -> float:

@@ -10,7 +10,8 @@ from flax import linen as nn
 from emu2_jax import sharding as sh
 from emu2_jax.convert.diffusers import convert_vae
 from emu2_jax.models import vae as vae_lib
-from tests.models.test_unet import randomize_, state_dict_np
+from tests.models.test_unet import randomize_
+from tests.torch_refs import state_dict_np
 
 TINY_VAE_DIFFUSERS = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,

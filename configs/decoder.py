@@ -1,0 +1,62 @@
+r"""Emu2's visual decoder: image autoencoding (SPEC.md §5, §8).
+
+The frozen Emu2 encoder reads a 448 px image, its features mean-pooled to 64 tokens [64, 1792]
+condition the SDXL-style UNet (text_embeds = their mean, time_ids from the crop), which learns to
+denoise the frozen SDXL VAE's latents of the same image at 1024 px: epsilon prediction on the
+scaled-linear 1000-step schedule, noise offset 0.1, the condition replaced by the zero-image
+encoding 10% of the time (for classifier-free guidance). Only the UNet trains. AdamW
+(0.9, 0.999), eps 1e-8, wd 0.01, lr 1e-4, 2.5k warmup then linear decay, clip 1.0, batch 2048, 8k steps.
+
+    # converted weights: visual (Emu2's encoder), vae (SDXL's) and unet (SDXL's, or Emu2-Gen's)
+    python -m emu2_jax.train --config=configs/decoder.py --workdir=$W/decoder \
+        --config.init_from=$CONVERTED --config.init_components=visual,vae,unet
+    python -m emu2_jax.train --config=configs/decoder.py:tiny --workdir=/tmp/decoder   # CPU, ~1 minute
+    python -m emu2_jax.autoencode --checkpoint=/tmp/decoder --image=in.png --out=out.png
+
+`:tiny` trains a tiny UNet conditioned on the tiny Emu2 encoder over a tiny VAE, all randomly
+initialised, on the embedded dataset. Its VAE is frozen at its random initialisation: a fixed
+random (but deterministic and smooth) image -> latent map, enough for the denoising loss to fall;
+decoded images only mean something once real VAE weights are loaded.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    variant = common.parse_arg(arg, "tiny")
+    tiny = "tiny" in variant
+    c = common.base_config("decoder", model="emu2_37b", tiny=tiny)
+    # Encoder: `model` (an Emu2 preset) gives the EVA encoder and n_query; UNet and VAE presets of
+    # emu2_jax.decoder_task (UNET_PRESETS, VAE_PRESETS).
+    c.decoder = ml_collections.ConfigDict()
+    c.decoder.unet = "tiny" if tiny else "sdxl_emu2"
+    c.decoder.vae = "tiny" if tiny else "sdxl"
+    c.decoder.noise_offset = 0.1        # per-(sample, channel) offset noise
+    c.decoder.condition_dropout = 0.1   # fraction of samples conditioned on the zero-image encoding
+    c.trainable = ("unet",)
+    c.init_components = "visual,vae,unet"
+    c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the decoder's loss is the denoising MSE
+
+    c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(unet=1e-4))
+    c.optimizer.warmup_steps = 2500
+    c.optimizer.decay = "linear"
+    c.global_batch_size = 2048
+    c.total_steps = 8000
+    c.seq_len = 1                       # no text
+    c.max_images_per_row = 1
+    c.sample_every_steps = 0            # images: python -m emu2_jax.autoencode on a checkpoint
+
+    if tiny:
+        c.optimizer.learning_rate.unet = 2e-3
+        c.optimizer.warmup_steps = 10
+        c.optimizer.weight_decay = 0.0
+        c.data.decoder_image_size = 32  # 16x16 latents through the tiny VAE
+        c.total_steps = 120
+        c.global_batch_size = 8
+        c.checkpoint_every_steps = 60
+        c.log_every_steps = 20
+    return c

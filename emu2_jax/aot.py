@@ -1,0 +1,261 @@
+r"""Compiles a stage's full-size train step for a TPU pod slice from any machine (no TPU needed).
+
+    python -m emu2_jax.aot --config=configs/stage2.py --topology=v5p-256
+    python -m emu2_jax.aot --config=configs/stage2.py --topology=v5p-256 --mode=infer   # prefill + 1 step
+
+libtpu (pip install libtpu) describes the slice's chips; the step is lowered with abstract
+parameters, optimizer state and batch (shapes and shardings only: nothing is allocated) and
+compiled by XLA:TPU. Printed: per-chip memory (arguments, temporaries, outputs vs HBM), FLOPs per
+step from XLA next to the analytic count, a roofline step time and MFU, and a last line
+`fits=<true|false> hbm_per_chip_gib=<x> flops_ratio=<y>`.
+
+FLOPs conventions. XLA's cost analysis of an SPMD program is per device; it is multiplied by the
+chip count here. The analytic count (metrics.training_flops, MaxText's MFU definition) is
+    passes x (2 x matmul params x tokens + 4 x layers x heads x head_dim x tokens x seq_len / 2)
+for the LLM (causal attention counted at half) plus the encoder's forward (x3 when it trains) over
+every image slot; passes = 3 for trained weights (forward + 2 backward), 2 for frozen weights that
+gradients flow through, 1 forward only. flops_ratio = XLA / analytic: the recomputation (remat)
+and non-matmul overhead. The roofline takes the slower of compute at the chip's peak bf16 FLOPs and
+HBM traffic at its bandwidth, ignoring collectives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from emu2_jax import generate, metrics, train
+from emu2_jax import sharding as sh
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    platform: str        # libtpu's topology prefix
+    hbm_gib: float
+    peak_tflops: float   # dense bf16
+    hbm_gbps: float      # HBM bandwidth, GB/s
+    cores_per_name: int  # Cloud names count TensorCores: v4-256 / v5p-256 are 128 chips
+    dims: int            # torus dimensions
+
+
+CHIPS = {
+    "v4": Chip("v4", 32, 275, 1228, 2, 3),
+    "v5p": Chip("v5p", 95, 459, 2765, 2, 3),
+    "v5e": Chip("v5e", 16, 197, 819, 1, 2),
+    "v6e": Chip("v6e", 32, 918, 1640, 1, 2),
+}
+ALIASES = {"v5litepod": "v5e"}
+# Chip count -> the slice shape Cloud TPU provisions for it.
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def parse_topology(name: str) -> tuple[Chip, str]:
+    """'v5p-256' (Cloud accelerator type) or 'v5p:4x4x8' (libtpu) -> (chip, libtpu topology name)."""
+    match = re.fullmatch(r"(v\d+[a-z]*)([-:])([\dx]+)", name.strip().lower())
+    if not match:
+        raise ValueError(f"topology {name!r}: expected e.g. v5p-256, v4-128, v5e-256 or v5p:4x4x8")
+    generation, sep, size = match.groups()
+    chip = CHIPS.get(ALIASES.get(generation, generation))
+    if chip is None:
+        raise ValueError(f"topology {name!r}: unknown TPU generation {generation!r}; known: {sorted(CHIPS)}")
+    if sep == ":":
+        return chip, f"{chip.platform}:{size}"
+    chips, rest = divmod(int(size), chip.cores_per_name)
+    shapes = SHAPES_3D if chip.dims == 3 else SHAPES_2D
+    if rest or chips not in shapes:
+        raise ValueError(f"topology {name!r}: no {chip.platform} slice of {size}; known sizes: "
+                         f"{sorted(c * chip.cores_per_name for c in shapes)}")
+    return chip, f"{chip.platform}:{shapes[chips]}"
+
+
+def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
+    """The chips of a TPU slice, described by libtpu without any TPU attached."""
+    # Compiling only: no multi-process lock on libtpu (another compile may run beside this one).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    chip, libtpu_name = parse_topology(name)
+    return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices)
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def report(compiled, chip: Chip, chips: int, analytic_flops: float | None) -> dict[str, float]:
+    """Per-chip memory and FLOPs of a compiled program; see the module docstring for the conventions."""
+    mem = compiled.memory_analysis()
+    args, out, alias = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes
+    temp, code = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
+    total = args + out - alias + temp + code  # donated state: outputs reuse their arguments' buffers
+    cost = _cost(compiled)
+    flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    step_s = max(flops_device / (chip.peak_tflops * 1e12), bytes_device / (chip.hbm_gbps * 1e9))
+    out_ = {"arguments_gib": args / GIB, "outputs_gib": out / GIB, "aliased_gib": alias / GIB,
+            "temporaries_gib": temp / GIB, "code_gib": code / GIB, "hbm_per_chip_gib": total / GIB,
+            "hbm_capacity_gib": chip.hbm_gib, "fits": total / GIB <= chip.hbm_gib,
+            "xla_flops_per_chip": flops_device, "xla_flops_total": flops_device * chips,
+            "xla_bytes_per_chip": bytes_device, "roofline_step_s": step_s}
+    if analytic_flops:
+        out_["analytic_flops_total"] = analytic_flops
+        out_["flops_ratio"] = flops_device * chips / analytic_flops
+        out_["roofline_mfu"] = analytic_flops / (chips * chip.peak_tflops * 1e12 * step_s) if step_s else 0.0
+    return out_
+
+
+def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
+    lines = [
+        title,
+        f"memory per chip: arguments {r['arguments_gib']:.2f} GiB, temporaries {r['temporaries_gib']:.2f} GiB, "
+        f"outputs {r['outputs_gib']:.2f} GiB (aliased with arguments {r['aliased_gib']:.2f} GiB), code "
+        f"{r['code_gib']:.3f} GiB -> total {r['hbm_per_chip_gib']:.2f} of {chip.hbm_gib:.0f} GiB HBM",
+        f"FLOPs per step: XLA {r['xla_flops_per_chip']:.4g} per chip x {chips} chips = {r['xla_flops_total']:.4g}",
+    ]
+    if "analytic_flops_total" in r:
+        lines.append(f"FLOPs per step: analytic {r['analytic_flops_total']:.4g} (6ND-style, causal attention / 2); "
+                     f"XLA / analytic = {r['flops_ratio']:.3f}")
+    lines.append(f"roofline at {chip.peak_tflops:.0f} TFLOP/s and {chip.hbm_gbps:.0f} GB/s per chip (no "
+                 f"collectives): step {r['roofline_step_s']:.3f} s"
+                 + (f", MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+    lines.append(f"fits={str(r['fits']).lower()} hbm_per_chip_gib={r['hbm_per_chip_gib']:.2f} "
+                 f"flops_ratio={r.get('flops_ratio', float('nan')):.3f}")
+    return "\n".join(lines)
+
+
+def analytic_train_flops(config: ml_collections.ConfigDict, model_cfg) -> float:
+    """metrics.training_flops of one optimizer step with causal attention at half (seq_len / 2)."""
+    rows = config.global_batch_size
+    return metrics.training_flops(model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len / 2,
+                                  images=rows * max(config.max_images_per_row, 1),
+                                  trainable=tuple(config.trainable), lora=train.uses_lora(model_cfg))
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
+    """(trainer, compiled step) of `config` on `devices`, from abstract state and batch."""
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    config.allow_large_on_cpu = True  # nothing is allocated here
+    trainer = train.create_trainer(config, devices)
+    accum = config.grad_accum_steps
+    batch = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((accum, s.shape[0] // accum, *s.shape[1:]), s.dtype,
+                                       sharding=trainer.batch_sharding),
+        train.dummy_batch(config, trainer.model_cfg, config.global_batch_size))
+    return trainer, trainer.train_step.lower(trainer.abstract_state, batch).compile()
+
+
+def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Device], *, batch_size: int,
+                      prompt_len: int):
+    """(trainer, compiled prefill, compiled decode step) of the KV-cached LLM with bf16 weights.
+
+    Prefill: images through the encoder, then the whole prompt into the cache; decode: one token.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.allow_large_on_cpu = True
+    config.model_overrides.param_dtype = config.model_overrides.dtype  # serving weights in compute dtype
+    config.global_batch_size = max(batch_size, 1)
+    trainer = train.create_trainer(config, devices)
+    model, mesh = trainer.model, trainer.mesh
+    params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          trainer.abstract_state.params, trainer.param_shardings)
+    rows = sh.logical_to_sharding(PartitionSpec(sh.ACT_BATCH), mesh)
+    cache_shapes = jax.eval_shape(lambda: generate.init_cache(model, batch_size))
+    # Cache leaves [B, ...]: rows over the batch axes (KV heads stay whole: the cache layout is the layer's).
+    cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows if s.ndim else
+                                                        NamedSharding(mesh, PartitionSpec())), cache_shapes)
+    slots, size = max(config.max_images_per_row, 1), trainer.model_cfg.vision.image_size
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+    prompt = {"tokens": spec((batch_size, prompt_len), jnp.int32),
+              "positions": spec((batch_size, prompt_len), jnp.int32),
+              "segment_ids": spec((batch_size, prompt_len), jnp.int32),
+              "images": spec((batch_size, slots, size, size, 3), jnp.float32),
+              "image_valid": spec((batch_size, slots), jnp.bool_),
+              "image_is_frame": spec((batch_size, slots), jnp.bool_)}
+
+    def prefill(params, cache, prompt):
+        embeds, _ = model.apply({"params": params}, prompt["tokens"], prompt["images"], prompt["image_valid"],
+                                prompt["image_is_frame"], method=type(model).embed_inputs)
+        (logits, _), mutated = model.apply({"params": params, "cache": cache}, embeds, prompt["positions"],
+                                           prompt["segment_ids"], method=type(model).decode_step, mutable=["cache"])
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
+
+    def decode(params, cache, token, position):
+        embed = model.apply({"params": params}, token[:, None], method=lambda m, t: m.llm.embed(t))
+        (logits, _), mutated = model.apply({"params": params, "cache": cache}, embed, position[:, None],
+                                           jnp.ones_like(position)[:, None], method=type(model).decode_step,
+                                           mutable=["cache"])
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
+
+    cache_out = jax.tree.map(lambda s: s.sharding, cache)
+    compiled_prefill = jax.jit(train.with_logical_rules(prefill), out_shardings=(rows, cache_out),
+                               donate_argnums=(1,)).lower(params, cache, prompt).compile()
+    token = spec((batch_size,), jnp.int32)
+    compiled_decode = jax.jit(train.with_logical_rules(decode), out_shardings=(rows, cache_out),
+                              donate_argnums=(1,)).lower(params, cache, token, token).compile()
+    return trainer, compiled_prefill, compiled_decode
+
+
+def inference_flops(model_cfg, *, tokens: int, context: float, images: int) -> float:
+    """Forward FLOPs: metrics.training_flops with nothing trained (one pass); `context`: mean keys attended."""
+    return metrics.training_flops(model_cfg, tokens=tokens, seq_len=context, images=images, trainable=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+# --config (and train's other flags) come with importing emu2_jax.train.
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-256", "TPU slice: Cloud name (v5p-256, v4-128, v5e-256) or "
+                                "libtpu's (v5p:4x4x8).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "infer"], "train: one optimizer step of the config; "
+                          "infer: KV-cached prefill of a prompt + one decode step.")
+_INFER_BATCH = flags.DEFINE_integer("infer_batch", 0, "infer: rows (0: the mesh's batch shards).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "infer: prompt length (0: the config's seq_len).")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    chip, devices = topology_devices(_TOPOLOGY.value)
+    chips = len(devices)
+    mesh_txt = lambda t: " x ".join(f"{k} {v}" for k, v in t.mesh.shape.items())
+    if _MODE.value == "train":
+        trainer, compiled = compile_train_step(config, devices)
+        analytic = analytic_train_flops(config, trainer.model_cfg)
+        title = (f"{config.stage} train step on {_TOPOLOGY.value} ({chips} x {devices[0].device_kind}); mesh "
+                 f"{mesh_txt(trainer)}; model {config.model} {trainer.num_params / 1e9:.2f}B params "
+                 f"({trainer.num_trainable / 1e9:.2f}B trainable), remat {config.model_overrides.remat_policy}; "
+                 f"batch {config.global_batch_size} x {config.seq_len} tokens in {config.grad_accum_steps} "
+                 f"microbatches")
+        print(format_report(title, report(compiled, chip, chips, analytic), chip, chips), flush=True)
+        return
+    batch_size = _INFER_BATCH.value or int(np.prod([v for k, v in dict(
+        sh.create_mesh(config.mesh_shape, devices).shape).items() if k != "tensor"]))
+    prompt_len = _PROMPT_LEN.value or config.seq_len
+    trainer, prefill, decode = compile_inference(config, devices, batch_size=batch_size, prompt_len=prompt_len)
+    slots = max(config.max_images_per_row, 1)
+    for name, compiled, flops in (
+            ("prefill", prefill, inference_flops(trainer.model_cfg, tokens=batch_size * prompt_len,
+                                                 context=prompt_len / 2, images=batch_size * slots)),
+            ("decode step", decode, inference_flops(trainer.model_cfg, tokens=batch_size, context=prompt_len,
+                                                    images=0))):
+        title = (f"{config.stage} inference {name} on {_TOPOLOGY.value} ({chips} x {devices[0].device_kind}); "
+                 f"mesh {mesh_txt(trainer)}; batch {batch_size}, prompt {prompt_len} tokens, bf16 weights")
+        print(format_report(title, report(compiled, chip, chips, flops), chip, chips), flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
