@@ -55,59 +55,24 @@ def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict
     }
 
 
-def _reference_modules(config):
-    """timm Eva tower + projections + transformers LLaMA, configured like `config` (fp32)."""
-    import torch
-    from tests.torch_refs import hf_llama, timm_eva
-
-    torch.manual_seed(0)
-    visual = timm_eva(config.vision)
-    llm = hf_llama(config.llm)
-    project_up = torch.nn.Linear(config.vision.width, config.llm.hidden_size, bias=False)
-    project_down = torch.nn.Linear(config.llm.hidden_size, config.vision.width, bias=False)
-    return torch.nn.ModuleDict({"visual": visual, "llm": llm, "project_up": project_up,
-                                "project_down": project_down})
-
-
 def _run_reference(weights_path: str, args, queue) -> None:
     import torch
     from safetensors.torch import load_file
     from emu2_jax.models import presets
+    from tests.torch_refs import emu2_reference, emu2_reference_forward
 
     torch.set_num_threads(os.cpu_count())
     config = presets.get_config("small")
-    modules = _reference_modules(config)
+    modules = emu2_reference(config)
     modules.load_state_dict(load_file(weights_path))
     batch = {k: torch.from_numpy(v) for k, v in _batch(config, args.batch, args.images, args.seq_len).items()}
-    n = config.n_query
-    side = int(n ** 0.5)
-    grid = config.vision.grid_size
     baseline = _max_rss_mib()
 
     def step():
-        b, m = batch["images"].shape[:2]
-        pixels = batch["images"].reshape(b * m, *batch["images"].shape[2:]).permute(0, 3, 1, 2)
-        patches = modules["visual"].forward_features(pixels)[:, 1:]
-        pooled = torch.nn.functional.avg_pool2d(
-            patches.transpose(1, 2).reshape(b * m, -1, grid, grid), grid // side).flatten(2).transpose(1, 2)
-        embeds = modules["llm"].get_input_embeddings()(batch["tokens"])
-        is_image = batch["tokens"] == config.image_token_id
-        embeds = embeds.masked_scatter(is_image[..., None], modules["project_up"](pooled).reshape(-1, embeds.shape[-1]))
-        visual_at = torch.zeros(*is_image.shape, pooled.shape[-1])
-        visual_at = visual_at.masked_scatter(is_image[..., None], pooled.detach().reshape(-1, pooled.shape[-1]))
-        out = modules["llm"](inputs_embeds=embeds, output_hidden_states=True)
-        logits = out.logits
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten().long(),
-                                                reduction="none").reshape(logits.shape[:2])
-        text_loss = (nll * batch["text_loss_mask"]).sum() / batch["text_loss_mask"].sum()
-        pred = modules["project_down"](out.hidden_states[-1])
-        target = torch.nn.functional.pad(visual_at[:, 1:], (0, 0, 0, 1))
-        mse = ((pred - target) ** 2).mean(-1)
-        image_loss = (mse * batch["image_loss_mask"]).sum() / batch["image_loss_mask"].sum()
-        loss = text_loss + image_loss
+        loss = emu2_reference_forward(modules, batch, config)["loss"]
         modules.zero_grad(set_to_none=True)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     loss = step()  # warm-up
     start = time.perf_counter()
@@ -120,18 +85,11 @@ def _run_reference(weights_path: str, args, queue) -> None:
 def _run_ours(weights_path: str, args, queue) -> None:
     import jax
     from safetensors.numpy import load_file
-    from emu2_jax.convert.eva_vit import convert_eva_vit
-    from emu2_jax.convert.llama import convert_llama
+    from emu2_jax.convert.emu2 import convert_emu2
     from emu2_jax.models import emu2, presets
 
     config = presets.get_config("small")
-    state = load_file(weights_path)
-    params = {"params": {
-        "visual": convert_eva_vit(state, config.vision, prefix="visual."),
-        "connector": {"project_up": {"kernel": state["project_up.weight"].T}},
-        "llm": convert_llama(state, config.llm, prefix="llm."),
-        "project_down": {"kernel": state["project_down.weight"].T},
-    }}
+    params = {"params": convert_emu2(load_file(weights_path), config)}
     params = jax.device_put(params)
     batch = _batch(config, args.batch, args.images, args.seq_len)
     model = emu2.Emu2Model(config)
@@ -172,9 +130,10 @@ def main() -> None:
 
     from safetensors.torch import save_file
     from emu2_jax.models import presets
+    from tests.torch_refs import emu2_reference
 
     config = presets.get_config("small")
-    modules = _reference_modules(config)
+    modules = emu2_reference(config)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "small.safetensors")
         save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, weights)

@@ -113,3 +113,45 @@ def hf_llama(config: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalL
             if name.endswith("norm.weight"):  # HF initialises these to ones
                 param.copy_(1.0 + 0.5 * torch.randn_like(param))
     return model
+
+
+def emu2_reference(config, seed: int = 0) -> torch.nn.ModuleDict:
+    """Emu2 assembled from the references (timm EVA, transformers LLaMA, bias-free linear
+    projections), its state dict in the native checkpoint layout (`visual.`, `decoder.lm.`,
+    `project_up.weight`, `project_down.weight`)."""
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({
+        "visual": timm_eva(config.vision, seed=seed),
+        "decoder": torch.nn.ModuleDict({"lm": hf_llama(config.llm, seed=seed)}),
+        "project_up": torch.nn.Linear(config.vision.width, config.llm.hidden_size, bias=False),
+        "project_down": torch.nn.Linear(config.llm.hidden_size, config.vision.width, bias=False),
+    })
+
+
+def emu2_reference_forward(modules: torch.nn.ModuleDict, batch: dict, config) -> dict[str, torch.Tensor]:
+    """Emu2's forward as the official code computes it (SPEC.md §2, §4) for rows whose images are all
+    valid still images: EVA patch tokens -> avg_pool2d -> project_up into the `<image>` positions ->
+    LLaMA -> logits, and project_down of the final-norm hidden state regressing the next visual slot."""
+    images, tokens = batch["images"], batch["tokens"]
+    b, m = images.shape[:2]
+    grid, side = config.vision.grid_size, int(config.n_query ** 0.5)
+    pixels = images.reshape(b * m, *images.shape[2:]).permute(0, 3, 1, 2)
+    patches = modules["visual"].forward_features(pixels)[:, 1:]
+    pooled = torch.nn.functional.avg_pool2d(patches.transpose(1, 2).reshape(b * m, -1, grid, grid),
+                                            grid // side).flatten(2).transpose(1, 2)
+    llm = modules["decoder"]["lm"]
+    is_image = (tokens == config.image_token_id)[..., None]
+    embeds = llm.get_input_embeddings()(tokens)
+    embeds = embeds.masked_scatter(is_image, modules["project_up"](pooled).reshape(-1, embeds.shape[-1]))
+    visual_at = torch.zeros(*tokens.shape, pooled.shape[-1]).masked_scatter(
+        is_image, pooled.detach().reshape(-1, pooled.shape[-1]))
+    out = llm(inputs_embeds=embeds, output_hidden_states=True)
+    nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch["targets"].flatten().long(),
+                                            reduction="none").reshape(tokens.shape)
+    text_loss = (nll * batch["text_loss_mask"]).sum() / batch["text_loss_mask"].sum().clamp(min=1)
+    pred = modules["project_down"](out.hidden_states[-1])
+    target = torch.nn.functional.pad(visual_at[:, 1:], (0, 0, 0, 1))
+    mse = ((pred - target) ** 2).mean(-1)
+    image_loss = (mse * batch["image_loss_mask"]).sum() / batch["image_loss_mask"].sum().clamp(min=1)
+    return {"logits": out.logits, "visual_pred": pred, "text_loss": text_loss, "image_loss": image_loss,
+            "loss": text_loss + image_loss}
