@@ -4,6 +4,7 @@ Abstract only (eval_shape): the logical specs go through sharding.LOGICAL_RULES 
 dimension must divide by the product of its mesh axes' sizes (jit refuses uneven argument shardings).
 """
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -23,8 +24,7 @@ MESHES = {
 
 def _mesh_specs(name):
     config = presets.get_config(name)
-    batch = {k: v for k, v in train.dummy_batch(
-        __import__("ml_collections").ConfigDict(dict(seq_len=16, max_images_per_row=1)), config, 1).items()}
+    batch = train.dummy_batch(ml_collections.ConfigDict(dict(seq_len=16, max_images_per_row=1)), config, 1)
     abstract = jax.eval_shape(emu2.Emu2Model(config).init, jax.random.key(0), batch)
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), sh.LOGICAL_RULES)["params"]
     shapes = nn.unbox(abstract)["params"]

@@ -1,0 +1,43 @@
+"""AOT compilation for a TPU slice from this (TPU-less) machine: the tiny stage on v5p 2x2x1."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from emu2_jax import aot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5p-256") == (aot.CHIPS["v5p"], "v5p:4x4x8")   # 256 TensorCores = 128 chips
+    assert aot.parse_topology("v4-128") == (aot.CHIPS["v4"], "v4:4x4x4")
+    assert aot.parse_topology("v5litepod-256") == (aot.CHIPS["v5e"], "v5e:16x16")
+    assert aot.parse_topology("v5p:2x2x1")[1] == "v5p:2x2x1"
+    with pytest.raises(ValueError, match="no v5p slice of 100"):
+        aot.parse_topology("v5p-100")
+
+
+def test_tiny_stage_compiles_for_v5p_and_reports_sane_numbers():
+    pytest.importorskip("libtpu", reason="libtpu (pip install libtpu) describes TPU topologies for compiling")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-m", "emu2_jax.aot", "--config=configs/stage2.py:tiny",
+                          "--topology=v5p:2x2x1", "--config.model_overrides.remat_policy=full"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "mesh data 4 x fsdp 1 x tensor 1" in out and "remat full" in out
+    last = out.strip().splitlines()[-1]
+    match = re.fullmatch(r"fits=(true|false) hbm_per_chip_gib=([\d.]+) flops_ratio=([\d.]+)", last)
+    assert match, last
+    assert match[1] == "true"
+    assert 0 < float(match[2]) < 1  # a tiny model: well under a GiB per chip
+    # Full remat recomputes each layer's forward once: ~4/3 of the analytic 3 passes, plus small extras.
+    assert 1.2 < float(match[3]) < 1.6, last
+    xla = float(re.search(r"XLA cost analysis ([\d.e+]+) per chip", out)[1])
+    program = float(re.search(r"program \(jaxpr.*?\) ([\d.e+]+) total", out)[1])
+    assert 0 < xla * 4 < program  # XLA counts the scanned layers' body once
+    mfu = float(re.search(r"MFU ([\d.]+)%", out)[1])
+    assert 0 < mfu <= 100
