@@ -13,8 +13,6 @@ from flax import linen as nn
 
 from emu2_jax.models import emu2, presets
 
-_MODEL = flags.DEFINE_string("model", "tiny", f"one of {sorted(presets.PRESETS)}")
-
 
 def abstract_params(config: emu2.Emu2Config) -> dict:
     """Parameter shapes/dtypes of `Emu2Model(config)` via `jax.eval_shape` (nothing allocated)."""
@@ -43,10 +41,11 @@ def component_counts(config: emu2.Emu2Config) -> dict[str, int]:
 
 def main(argv):
     del argv
-    config = presets.get_config(_MODEL.value)
+    name = flags.FLAGS.model
+    config = presets.get_config(name)
     counts = component_counts(config)
     total = sum(counts.values())
-    print(f"model: {_MODEL.value}")
+    print(f"model: {name}")
     for name, count in counts.items():
         print(f"  {name:<14} {count:>16,d}  ({100 * count / total:5.2f}%)")
     print(f"  {'total':<14} {total:>16,d}  ({total / 1e9:.3f}B)")
@@ -54,4 +53,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a command, so importing this module defines none.
+    flags.DEFINE_string("model", "tiny", f"one of {sorted(presets.PRESETS)}")
     app.run(main)

@@ -96,23 +96,26 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return state
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file or directory")
-_MODEL = flags.DEFINE_string("model", "emu2_37b", f"preset, one of {sorted(presets.PRESETS)}")
-_LAYOUT = flags.DEFINE_enum("layout", "native", sorted(LAYOUTS), "key layout of the checkpoint")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "dtype of the saved params")
-_OUT = flags.DEFINE_string("out", None, "output directory (an init_from checkpoint)")
-
-
 def main(argv):
     del argv
     from emu2_jax import checkpointing
 
-    config = presets.get_config(_MODEL.value, param_dtype=_PARAM_DTYPE.value)
-    params = convert_emu2(load_state_dict(_CHECKPOINT.value), config, layout=_LAYOUT.value)
-    checkpointing.save_params(_OUT.value, params)
-    print(f"wrote {_OUT.value}: use --config.init_from={_OUT.value}")
+    args = flags.FLAGS
+    config = presets.get_config(args.model, param_dtype=args.param_dtype)
+    params = convert_emu2(load_state_dict(args.checkpoint), config, layout=args.layout)
+    checkpointing.save_params(args.out, params)
+    print(f"wrote {args.out}: use --config.init_from={args.out}")
+
+
+def _define_flags() -> None:
+    """Only when run as a command, so importing this module defines no flags."""
+    flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file or directory", required=True)
+    flags.DEFINE_string("model", "emu2_37b", f"preset, one of {sorted(presets.PRESETS)}")
+    flags.DEFINE_enum("layout", "native", sorted(LAYOUTS), "key layout of the checkpoint")
+    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "dtype of the saved params")
+    flags.DEFINE_string("out", None, "output directory (an init_from checkpoint)", required=True)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["checkpoint", "out"])
+    _define_flags()
     app.run(main)
