@@ -174,9 +174,12 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
     return "\n".join(lines)
 
 
-def analytic_train_flops(config: ml_collections.ConfigDict, model_cfg) -> float:
-    """metrics.training_flops of one optimizer step with causal attention at half (seq_len / 2)."""
-    rows = config.global_batch_size
+def analytic_train_flops(config: ml_collections.ConfigDict, trainer: train.Trainer) -> float:
+    """The LLM stages: metrics.training_flops of one optimizer step with causal attention at half
+    (seq_len / 2). Other tasks (the visual decoder): their own `training_flops`."""
+    if not isinstance(trainer.task, train.LlmTask):
+        return trainer.task.training_flops(trainer.abstract_state.params)
+    model_cfg, rows = trainer.model_cfg, config.global_batch_size
     return metrics.training_flops(model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len / 2,
                                   images=rows * max(config.max_images_per_row, 1),
                                   trainable=tuple(config.trainable), lora=train.uses_lora(model_cfg))
@@ -191,7 +194,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
     batch = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct((accum, s.shape[0] // accum, *s.shape[1:]), s.dtype,
                                        sharding=trainer.batch_sharding),
-        train.dummy_batch(config, trainer.model_cfg, config.global_batch_size))
+        trainer.task.dummy_batch(config.global_batch_size))
     traced = trainer.train_step.trace(trainer.abstract_state, batch)
     return trainer, traced.lower().compile(), jaxpr_flops(traced.jaxpr.jaxpr)
 
@@ -276,11 +279,12 @@ def main(argv) -> None:
     mesh_txt = lambda t: " x ".join(f"{k} {v}" for k, v in t.mesh.shape.items())
     if _MODE.value == "train":
         trainer, compiled, program = compile_train_step(config, devices)
-        analytic = analytic_train_flops(config, trainer.model_cfg)
+        analytic = analytic_train_flops(config, trainer)
         title = (f"{config.stage} train step on {_TOPOLOGY.value} ({chips} x {devices[0].device_kind}); mesh "
                  f"{mesh_txt(trainer)}; model {config.model} {trainer.num_params / 1e9:.2f}B params "
                  f"({trainer.num_trainable / 1e9:.2f}B trainable), remat {config.model_overrides.remat_policy}; "
-                 f"batch {config.global_batch_size} x {config.seq_len} tokens in {config.grad_accum_steps} "
+                 f"batch {config.global_batch_size} rows" + (f" x {config.seq_len} tokens" if isinstance(
+                     trainer.task, train.LlmTask) else "") + f" in {config.grad_accum_steps} "
                  f"microbatches")
         print(format_report(title, report(compiled, chip, chips, program, analytic), chip, chips), flush=True)
         return
