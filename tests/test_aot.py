@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from emu2_jax import aot
@@ -41,3 +43,20 @@ def test_tiny_stage_compiles_for_v5p_and_reports_sane_numbers():
     assert 0 < xla * 4 < program  # XLA counts the scanned layers' body once
     mfu = float(re.search(r"MFU ([\d.]+)%", out)[1])
     assert 0 < mfu <= 100
+
+
+def test_jaxpr_flops_counts_scans_and_remat():
+    def layer(x, w):
+        return jnp.tanh(x @ w), None
+
+    def loss(ws, x):  # 3 scanned [4, 8] @ [8, 8] matmuls, then a [4, 8] @ [8, 2] head
+        x, _ = jax.lax.scan(jax.checkpoint(layer), x, ws)
+        return (x @ jnp.ones((8, 2))).sum()
+
+    ws, x = jnp.zeros((3, 8, 8)), jnp.zeros((4, 8))
+    forward = 3 * 2 * 4 * 8 * 8 + 2 * 4 * 8 * 2
+    assert aot.jaxpr_flops(jax.make_jaxpr(loss)(ws, x).jaxpr) == forward
+    # Gradient w.r.t. the weights: forward, remat's second forward of the layers, and two matmuls per
+    # layer backward (input and weight gradients); the head's weight is a constant: one backward matmul.
+    grad = forward + 3 * 2 * 4 * 8 * 8 + 3 * 2 * (2 * 4 * 8 * 8) + 2 * 4 * 8 * 2
+    assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr) == grad
