@@ -1,0 +1,114 @@
+r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-stage checkpoint.
+
+    python -m emu2_jax.autoencode --checkpoint=/tmp/decoder --image=in.png --out=out.png \
+        [--steps=50 --guidance=3.0 --seed=0]
+
+`--checkpoint` is a decoder-stage training workdir, its `checkpoints/` folder or one step's folder
+in it (the latest step is used for the first two). The image is resized (squash) and normalised for
+the encoder; its pooled embeddings condition Euler sampling with classifier-free guidance against
+the zero-image encoding (SPEC.md §4 "Autoencoding mode", §5); the VAE decodes the latents and the
+PNG is written at the decoder's resolution.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+from flax import linen as nn
+from PIL import Image
+
+from emu2_jax import checkpointing, decoder_task
+from emu2_jax.data import images as image_lib
+
+
+def find_checkpoint(path: str) -> epath.Path:
+    """The step folder (holding state/ and config/) named by `path`; SystemExit naming what is missing."""
+    p = epath.Path(path).absolute()
+    if not p.exists():
+        raise SystemExit(f"--checkpoint={path}: no such file or directory")
+    if (p / "state").is_dir() and (p / "config").is_dir():
+        return p
+    manager_dir = p / checkpointing.CHECKPOINTS if (p / checkpointing.CHECKPOINTS).is_dir() else p
+    steps = [int(s.name) for s in manager_dir.iterdir()
+             if s.name.isdigit() and (s / "state").is_dir() and (s / "config").is_dir()]
+    if not steps:
+        raise SystemExit(f"--checkpoint={path}: no training checkpoint (checkpoints/<step>/ with state/ and "
+                         f"config/) found; train one with python -m emu2_jax.train --config=configs/decoder.py")
+    return manager_dir / str(max(steps))
+
+
+def load_decoder(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, decoder_task.VisualDecoderModel, Any]:
+    """(run config, model, params) of a decoder-stage checkpoint step folder."""
+    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "config.json").read_text()))
+    if config.get("stage") != "decoder":
+        raise SystemExit(f"{step_dir} is a checkpoint of stage {config.get('stage')!r}, not of the visual "
+                         f"decoder (configs/decoder.py)")
+    task = decoder_task.DecoderTask.create(config)
+    abstract = nn.unbox(jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1)))["params"]
+    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                                            jax.sharding.PartitionSpec())
+    item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)}
+    restored = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    return config, task.model, restored["params"]
+
+
+def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(normalised encoder pixels [1, size, size, 3], original (height, width)); SystemExit if unreadable."""
+    try:
+        data = epath.Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"--image={path}: cannot read it ({e})") from e
+    try:
+        pixels = image_lib.decode_image(data)
+    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
+        raise SystemExit(f"--image={path}: not a readable image ({e})") from e
+    return image_lib.normalize(image_lib.resize_for_encoder(pixels, size))[None], pixels.shape[:2]
+
+
+def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidance: float = 3.0,
+               seed: int = 0) -> dict[str, Any]:
+    """Writes the reconstruction of `image` to `out` (PNG); returns what was done (for printing)."""
+    step_dir = find_checkpoint(checkpoint)
+    config, model, params = load_decoder(step_dir)
+    pixels, original = read_image(image, model.config.vision.image_size)
+    logging.info("Checkpoint %s (step %s); encoder %d px, %d tokens; decoder %d px; %d Euler steps, guidance %.2f",
+                 step_dir, step_dir.name, model.config.vision.image_size, model.config.n_query,
+                 model.config.decoder_image_size, steps, guidance)
+    started = time.perf_counter()
+    decoded = decoder_task.sample_images(model, params, jax.numpy.asarray(pixels), jax.random.key(seed),
+                                         num_steps=steps, guidance_scale=guidance, original_size=original)
+    result = decoder_task.to_uint8(jax.device_get(decoded))[0]
+    epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result).save(out, format="PNG")
+    info = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage, "out": out,
+            "size": result.shape[:2], "seconds": time.perf_counter() - started}
+    logging.info("Wrote %s (%dx%d) in %.1fs.", out, result.shape[1], result.shape[0], info["seconds"])
+    return info
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from emu2_jax import train  # its console filter keeps Orbax's INFO chatter out
+    logging.get_absl_handler().addFilter(train._OwnInfoOnly())
+    f = flags.FLAGS
+    autoencode(f.checkpoint, f.image, f.out, steps=f.steps, guidance=f.guidance, seed=f.seed)
+
+
+if __name__ == "__main__":  # flags only for the command, so the module imports next to others' flags
+    flags.DEFINE_string("checkpoint", None, "Decoder-stage workdir, its checkpoints/ folder or a step folder.")
+    flags.DEFINE_string("image", None, "Input image (any format PIL reads).")
+    flags.DEFINE_string("out", None, "Output PNG path.")
+    flags.DEFINE_integer("steps", 50, "Euler sampling steps.")
+    flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
+    flags.DEFINE_integer("seed", 0, "Seed of the initial latents.")
+    flags.mark_flags_as_required(["checkpoint", "image", "out"])
+    app.run(main)
