@@ -54,6 +54,15 @@ def test_sharded_accumulated_step_equals_single_device_step(stage2_single):
     sharded_config.grad_accum_steps = 2
     sharded = train.create_trainer(sharded_config)
     assert len(sharded.mesh.devices.flat) == 8
+    # The models' activation annotations become sharding constraints inside the jitted step, e.g. the
+    # attention heads [micro rows, seq, heads, head_dim] split over the tensor axis.
+    llm, rows = sharded.model_cfg.llm, sharded_config.global_batch_size // sharded_config.grad_accum_steps
+    lowered = sharded.train_step.lower(sharded.abstract_state, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((2, rows, *s.shape[1:]), s.dtype, sharding=sharded.batch_sharding),
+        train.dummy_batch(sharded_config, sharded.model_cfg, rows))).as_text()
+    heads = f"tensor<{rows}x{config.seq_len}x{llm.num_heads}x{llm.head_dim}x"
+    assert any("sharding_constraint" in line and '{"tensor"}' in line and heads in line
+               for line in lowered.splitlines())
     one, many = train.init_state(single, config), train.init_state(sharded, sharded_config)
     np.testing.assert_array_equal(*(np.asarray(s.params["llm"]["lm_head"]["kernel"]) for s in (one, many)))
     for batch in batches:
@@ -64,8 +73,10 @@ def test_sharded_accumulated_step_equals_single_device_step(stage2_single):
         assert float(one_metrics["image_loss"]) > 0 and float(one_metrics["text_loss"]) > 0
     up = many.params["llm"]["layers"]["mlp"]["up"]["kernel"]
     assert up.addressable_shards[0].data.shape == (up.shape[0], up.shape[1] // 2, up.shape[2] // 2)  # fsdp, tensor
+    # Sharded activations reduce in another order; Adam's normalised update turns the float noise of
+    # a rarely-used token's tiny embedding gradient into a few 1e-6 of difference.
     for got, want in zip(jax.tree.leaves(_host(many)), jax.tree.leaves(_host(one))):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_frozen_params_unchanged_and_learning_rates_per_component(stage2_single):
