@@ -107,3 +107,16 @@ def test_checkpoint_round_trip_and_resume(run, tmp_path):
     _, restored_metrics = trainer.train_step(restored, batch)
     _, metrics = trainer.train_step(state, batch)
     np.testing.assert_array_equal(float(restored_metrics["loss"]), float(metrics["loss"]))
+
+
+def test_paper_decoder_step_lowers_on_an_fsdp_mesh():
+    """The paper-sized decoder step (EVA-02-E encoder at 448 px, SDXL UNet and VAE at 1024 px, bf16,
+    remat) traces with its shardings; the UNet's 4-channel output falls back to replication."""
+    config = decoder.get_config()
+    config.update(allow_large_on_cpu=True, mesh_shape=(1, 8, 1), global_batch_size=8)
+    trainer = train.create_trainer(config)
+    assert 2.4e9 < trainer.num_trainable < 2.7e9 and trainer.num_params > 6.5e9
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
+                         trainer.task.dummy_batch(8))
+    assert "bf16" in trainer.train_step.lower(trainer.abstract_state, batch).as_text()
+    assert trainer.abstract_state.params["unet"]["conv_out"]["bias"].sharding.spec == jax.sharding.PartitionSpec(None)
