@@ -55,8 +55,8 @@ def get_config(arg=None):
         c.optimizer.warmup_steps = 10
         c.optimizer.weight_decay = 0.0
         c.data.decoder_image_size = 32  # 16x16 latents through the tiny VAE
-        c.total_steps = 120
+        c.total_steps = 60
         c.global_batch_size = 8
-        c.checkpoint_every_steps = 60
-        c.log_every_steps = 20
+        c.checkpoint_every_steps = 30
+        c.log_every_steps = 10
     return c
