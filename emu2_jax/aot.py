@@ -164,7 +164,7 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
         f"included) {r['program_flops_total']:.4g} total, {r['program_flops_total'] / chips:.4g} per chip",
     ]
     if "analytic_flops_total" in r:
-        lines.append(f"FLOPs per step: analytic {r['analytic_flops_total']:.4g} (6ND-style, causal attention / 2); "
+        lines.append(f"FLOPs per step: analytic {r['analytic_flops_total']:.4g} (passes x 2 x params x tokens + attention, causal at half); "
                      f"program / analytic = {r['flops_ratio']:.3f}")
     lines.append(f"roofline at {chip.peak_tflops:.0f} TFLOP/s and {chip.hbm_gbps:.0f} GB/s per chip (no "
                  f"collectives): step {r['roofline_step_s']:.3f} s"
