@@ -27,9 +27,10 @@ EXTRAS = {
         "timm>=1.0.9",
         "diffusers>=0.30",
         "safetensors>=0.4",
+        "libtpu==0.0.42.*",  # compiles for TPU topologies on CPU (tests/test_aot.py); jax 0.10.2's own pin
     ],
     "convert": ["torch==2.13.0", "safetensors>=0.4"],
-    "tpu": ["libtpu"],
+    "tpu": ["libtpu==0.0.42.*"],
 }
 
 setup(
