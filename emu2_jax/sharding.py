@@ -96,3 +96,21 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
     specs = nn.logical_to_mesh(logical_tree, rules)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _replicate_nondividing(shape: tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+    """`sharding` without the mesh axes that do not divide their dimension (e.g. a UNet's 4-channel
+    output bias over 8 fsdp shards): such a dimension is replicated instead."""
+    spec = []
+    for size, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        spec.append(axes if size % int(np.prod([sharding.mesh.shape[a] for a in names])) == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def param_shardings(boxed_variables, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for a tree of logically partitioned variables (e.g. `jax.eval_shape` of
+    `model.init`), replicating any dimension its mesh axes do not divide."""
+    shardings = logical_to_sharding(nn.get_partition_spec(boxed_variables), mesh, rules)
+    return jax.tree.map(lambda leaf, sharding: _replicate_nondividing(leaf.shape, sharding),
+                        nn.unbox(boxed_variables), shardings)

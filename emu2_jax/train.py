@@ -368,16 +368,6 @@ class Trainer:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
 
 
-def _divisible(param: jax.ShapeDtypeStruct, sharding: NamedSharding) -> NamedSharding:
-    """`sharding` without the mesh axes that do not divide their dimension (e.g. a UNet's 4-channel
-    output bias over 8 fsdp shards): such a dimension is replicated instead."""
-    spec = []
-    for size, axes in zip(param.shape, tuple(sharding.spec) + (None,) * (len(param.shape) - len(sharding.spec))):
-        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        spec.append(axes if size % int(np.prod([sharding.mesh.shape[a] for a in names])) == 0 else None)
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
-
-
 def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
     """Model, mesh, shardings, optimizer and the jitted train step of `config` (on `devices`, default all)."""
     task = make_task(config)
@@ -391,8 +381,7 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     # Parameters: shapes and logical axes from an abstract init, then shardings on this mesh.
     abstract = jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1))
     abstract_params = nn.unbox(abstract)["params"]
-    param_shardings = jax.tree.map(_divisible, abstract_params,
-                                   sh.logical_to_sharding(nn.get_partition_spec(abstract), mesh)["params"])
+    param_shardings = sh.param_shardings(abstract, mesh)["params"]
     check_fits_host(config, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)))
 
     # Optimizer state exists for the trainable subtree only.
