@@ -24,7 +24,8 @@ from etils import epath
 from flax import linen as nn
 from PIL import Image
 
-from emu2_jax import checkpointing, decoder_task
+from emu2_jax import checkpointing
+from emu2_jax.tasks import decoder as decoder_task
 from emu2_jax.data import images as image_lib
 
 

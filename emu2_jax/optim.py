@@ -26,7 +26,7 @@ PyTree = Any
 Path = tuple[str, ...]
 
 # Parameter group (one peak learning rate each) of every top-level component: Emu2Model's, then the
-# visual decoder's (emu2_jax.decoder_task: its encoder is `visual` too).
+# visual decoder's (emu2_jax.tasks.decoder: its encoder is `visual` too).
 GROUP_OF_COMPONENT = {"visual": "visual", "connector": "projector", "project_down": "projector", "llm": "llm",
                       "unet": "unet", "vae": "vae"}
 GROUPS = ("visual", "projector", "llm", "unet", "vae")

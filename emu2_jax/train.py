@@ -36,7 +36,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from emu2_jax import checkpointing, decoder_task, generate, metrics, optim
+from emu2_jax import checkpointing, generate, metrics, optim
+from emu2_jax.tasks import decoder as decoder_task
 from emu2_jax import sharding as sh
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import pipeline, tokenizer as tokenizer_lib

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import decoder
-from emu2_jax import checkpointing, decoder_task, train
+from emu2_jax import checkpointing, train
+from emu2_jax.tasks import decoder as decoder_task
 
 STEPS = 40
 
