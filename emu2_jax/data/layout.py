@@ -1,0 +1,99 @@
+"""The batch layout, defined once: names, shapes and dtypes of every stage's batch (docs/batch.md).
+
+The input pipeline produces these arrays, the tasks' dummy batches are built from them, the train
+loop and `aot` shape and shard them, and `sequences.check_batch` validates them. Shapes are written
+with named sizes, resolved by `shapes(layout, **sizes)`:
+
+    rows          batch rows                       seq_len       tokens per row
+    slots         image / frame slots per row      image_size    encoder input side (pixels)
+    decoder_size  visual-decoder target side (pixels)
+
+    LLM       the LLM stages (stage1, stage2, chat, gen, emu1_chat): packed rows of tokens and images
+    PROMPT    the LLM's inference prompt: LLM without the training targets and masks
+    DECODER   the visual-decoder stage: one image per row, its decoder-resolution target crop
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    dims: tuple[str | int, ...]  # named sizes (see the module docstring) or fixed ints
+    dtype: type
+
+
+Layout = tuple[Field, ...]
+
+LLM: Layout = (
+    Field("tokens", ("rows", "seq_len"), np.int32),          # input ids; visual slots hold placeholders
+    Field("targets", ("rows", "seq_len"), np.int32),         # next token where text_loss_mask is set
+    Field("text_loss_mask", ("rows", "seq_len"), np.float32),
+    Field("image_loss_mask", ("rows", "seq_len"), np.float32),  # regress the next visual embedding
+    Field("segment_ids", ("rows", "seq_len"), np.int32),     # packed documents 1, 2, ...; 0 = padding
+    Field("positions", ("rows", "seq_len"), np.int32),       # from 0 in each segment
+    Field("images", ("rows", "slots", "image_size", "image_size", 3), np.float32),  # CLIP-normalised
+    Field("image_valid", ("rows", "slots"), np.bool_),       # filled slots come first
+    Field("image_is_frame", ("rows", "slots"), np.bool_),    # video frame ([gIMG] * v_query) vs still
+)
+
+_PROMPT_KEYS = ("tokens", "positions", "segment_ids", "images", "image_valid", "image_is_frame")
+PROMPT: Layout = tuple(f for f in LLM if f.name in _PROMPT_KEYS)
+
+DECODER: Layout = (
+    Field("images", ("rows", "image_size", "image_size", 3), np.float32),          # encoder input
+    Field("target_images", ("rows", "decoder_size", "decoder_size", 3), np.float32),  # in [-1, 1]
+    Field("original_size", ("rows", 2), np.int32),   # (height, width) before resizing  } SDXL time_ids
+    Field("crop_coords", ("rows", 2), np.int32),     # (top, left) of the crop          } (concatenated)
+    Field("target_size", ("rows", 2), np.int32),     # (D, D)                           }
+)
+
+
+def keys(layout: Layout) -> tuple[str, ...]:
+    return tuple(f.name for f in layout)
+
+
+def shapes(layout: Layout, **sizes: int) -> dict[str, tuple[int, ...]]:
+    """{name: concrete shape}; every named size the layout uses must be given."""
+    missing = sorted({d for f in layout for d in f.dims if isinstance(d, str)} - set(sizes))
+    if missing:
+        raise ValueError(f"batch layout needs the sizes {missing}")
+    return {f.name: tuple(sizes[d] if isinstance(d, str) else d for d in f.dims) for f in layout}
+
+
+def abstract(layout: Layout, **sizes: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape/dtype structs of a batch, e.g. for abstract initialisation and AOT compilation."""
+    dtypes = {f.name: f.dtype for f in layout}
+    return {k: jax.ShapeDtypeStruct(s, dtypes[k]) for k, s in shapes(layout, **sizes).items()}
+
+
+def check(layout: Layout, batch: Mapping[str, np.ndarray], **sizes: int) -> None:
+    """Raises ValueError naming the first missing array, or the one whose shape or dtype is off.
+
+    Sizes not given are taken from the batch (the first array that has them), so a check can fix
+    only what it knows, e.g. `check(LLM, batch, seq_len=96)`.
+    """
+    names = keys(layout)
+    missing = [k for k in names if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing} (has {sorted(batch)}; expected {list(names)})")
+    resolved = dict(sizes)
+    for f in layout:
+        got = np.shape(batch[f.name])
+        if len(got) != len(f.dims):
+            raise ValueError(f"batch[{f.name!r}] has shape {got}; expected {f.dims}")
+        for dim, size in zip(f.dims, got):
+            if isinstance(dim, str):
+                resolved.setdefault(dim, size)
+    want = shapes(layout, **resolved)
+    for f in layout:
+        value = batch[f.name]
+        if np.shape(value) != want[f.name] or np.dtype(value.dtype) != np.dtype(f.dtype):
+            raise ValueError(f"batch[{f.name!r}] is {np.dtype(value.dtype).name}{list(np.shape(value))}; "
+                             f"expected {np.dtype(f.dtype).name}{list(want[f.name])} "
+                             f"({', '.join(f'{d}={resolved.get(d, d)}' for d in f.dims)})")
