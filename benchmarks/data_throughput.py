@@ -43,12 +43,13 @@ def run(args: argparse.Namespace, cache_dir: str) -> None:
     from configs import stage2  # pylint: disable=import-outside-toplevel
     from emu2_jax import train  # pylint: disable=import-outside-toplevel
     from emu2_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from emu2_jax.tasks import llm as llm_task  # pylint: disable=import-outside-toplevel
 
     config = stage2.get_config("tiny")
     config.data.num_workers = args.workers
     config.data.cache_dir = cache_dir
     trainer = train.create_trainer(config)
-    tokenizer = train.load_tokenizer(config, trainer.model_cfg)
+    tokenizer = llm_task.load_tokenizer(config, trainer.model_cfg)
     rows = config.global_batch_size
 
     def make_iterator():

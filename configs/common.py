@@ -26,6 +26,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     """Defaults of every field; `data_stage` names the data mixture when it differs from `stage`."""
     c = ml_collections.ConfigDict()
     c.stage = stage                  # the config file's name (configs/<stage>.py)
+    c.task = "llm"                   # what trains: a key of emu2_jax.tasks.TASKS
 
     # Model: a preset of emu2_jax.models.presets plus overrides handed to presets.get_config;
     # nested blocks become dotted keys (model_overrides.llm.lora_rank -> 'llm.lora_rank').
@@ -62,6 +63,9 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.seq_len = 2048
     c.max_images_per_row = 8         # image / video-frame slots of a row
     c.mesh_shape = (1, -1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices
+    # Overrides of the logical-axis rules (emu2_jax.sharding.LOGICAL_RULES, docs/sharding.md):
+    # ((logical name, mesh axis | (mesh axes) | None), ...), e.g. (('act_batch', ('data', 'fsdp', 'tensor')),)
+    c.sharding_rules = ()
     c.seed = 0
 
     # Data: the stage's mixture and its fields (emu2_jax.data.pipeline.default_data_config);

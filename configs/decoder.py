@@ -27,6 +27,7 @@ def get_config(arg=None):
     variant = common.parse_arg(arg, "tiny")
     tiny = "tiny" in variant
     c = common.base_config("decoder", model="emu2_37b", tiny=tiny)
+    c.task = "decoder"
     # Encoder: `model` (an Emu2 preset) gives the EVA encoder and n_query; UNet and VAE presets of
     # emu2_jax.tasks.decoder (UNET_PRESETS, VAE_PRESETS).
     c.decoder = ml_collections.ConfigDict()

@@ -13,7 +13,8 @@ FLOPs conventions. XLA's cost analysis of an SPMD program is per device (multipl
 here) and counts the body of a while loop once, whatever its trip count: with the layers scanned and
 gradients accumulated in a scan it undercounts many times over, so it is printed for reference only.
 The program FLOPs used for the ratio count every dot_general / convolution of the traced step's
-jaxpr, scans times their length, remat recomputation included (`jaxpr_flops`). The analytic count (metrics.training_flops, MaxText's MFU definition) is
+jaxpr, scans times their length, remat recomputation included (`jaxpr_flops`). The analytic count is
+the task's `training_flops`, the same number the training loop's MFU uses (MaxText's definition):
     passes x (2 x matmul params x tokens + 4 x layers x heads x head_dim x tokens x seq_len / 2)
 for the LLM (causal attention counted at half) plus the encoder's forward (x3 when it trains) over
 every image slot; passes = 3 for trained weights (forward + 2 backward), 2 for frozen weights that
@@ -39,6 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from emu2_jax import generate, metrics, train
 from emu2_jax import sharding as sh
+from emu2_jax.data import layout
+from emu2_jax.tasks import llm as llm_task
 
 GIB = 2 ** 30
 
@@ -174,17 +177,6 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
     return "\n".join(lines)
 
 
-def analytic_train_flops(config: ml_collections.ConfigDict, trainer: train.Trainer) -> float:
-    """The LLM stages: metrics.training_flops of one optimizer step with causal attention at half
-    (seq_len / 2). Other tasks (the visual decoder): their own `training_flops`."""
-    if not isinstance(trainer.task, train.LlmTask):
-        return trainer.task.training_flops(trainer.abstract_state.params)
-    model_cfg, rows = trainer.model_cfg, config.global_batch_size
-    return metrics.training_flops(model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len / 2,
-                                  images=rows * max(config.max_images_per_row, 1),
-                                  trainable=tuple(config.trainable), lora=train.uses_lora(model_cfg))
-
-
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
     """(trainer, compiled step, program FLOPs) of `config` on `devices`, from abstract state and batch."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
@@ -214,20 +206,15 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
     model, mesh = trainer.model, trainer.mesh
     params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           trainer.abstract_state.params, trainer.param_shardings)
-    rows = sh.logical_to_sharding(PartitionSpec(sh.ACT_BATCH), mesh)
+    rows = sh.batch_sharding(mesh, trainer.rules, leading_accum=False)
     cache_shapes = jax.eval_shape(lambda: generate.init_cache(model, batch_size))
     # Cache leaves are [layers, B, ...] (scanned): rows over the batch axes; the per-layer index replicated.
-    layer_rows = sh.logical_to_sharding(PartitionSpec(None, sh.ACT_BATCH), mesh)
+    layer_rows = sh.batch_sharding(mesh, trainer.rules)
     cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layer_rows if s.ndim > 1 else
                                                         NamedSharding(mesh, PartitionSpec())), cache_shapes)
-    slots, size = max(config.max_images_per_row, 1), trainer.model_cfg.vision.image_size
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-    prompt = {"tokens": spec((batch_size, prompt_len), jnp.int32),
-              "positions": spec((batch_size, prompt_len), jnp.int32),
-              "segment_ids": spec((batch_size, prompt_len), jnp.int32),
-              "images": spec((batch_size, slots, size, size, 3), jnp.float32),
-              "image_valid": spec((batch_size, slots), jnp.bool_),
-              "image_is_frame": spec((batch_size, slots), jnp.bool_)}
+    sizes = {**llm_task.batch_sizes(config, trainer.model_cfg), "seq_len": prompt_len}
+    prompt = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows)
+              for k, s in layout.abstract(layout.PROMPT, rows=batch_size, **sizes).items()}
 
     def prefill(params, cache, prompt):
         embeds, _ = model.apply({"params": params}, prompt["tokens"], prompt["images"], prompt["image_valid"],
@@ -244,10 +231,10 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
         return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
 
     cache_out = jax.tree.map(lambda s: s.sharding, cache)
-    token = spec((batch_size,), jnp.int32)
+    token = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
     out = []
     for fn, args in ((prefill, (params, cache, prompt)), (decode, (params, cache, token, token))):
-        traced = jax.jit(train.with_logical_rules(fn, mesh), out_shardings=(rows, cache_out),
+        traced = jax.jit(sh.with_logical_rules(fn, mesh, trainer.rules), out_shardings=(rows, cache_out),
                          donate_argnums=(1,)).trace(*args)
         out.append((traced.lower().compile(), jaxpr_flops(traced.jaxpr.jaxpr)))
     return trainer, out[0], out[1]
@@ -279,17 +266,16 @@ def main(argv) -> None:
     mesh_txt = lambda t: " x ".join(f"{k} {v}" for k, v in t.mesh.shape.items())
     if _MODE.value == "train":
         trainer, compiled, program = compile_train_step(config, devices)
-        analytic = analytic_train_flops(config, trainer)
+        analytic = trainer.task.training_flops(trainer.abstract_state.params)
         title = (f"{config.stage} train step on {_TOPOLOGY.value} ({chips} x {devices[0].device_kind}); mesh "
                  f"{mesh_txt(trainer)}; model {config.model} {trainer.num_params / 1e9:.2f}B params "
                  f"({trainer.num_trainable / 1e9:.2f}B trainable), remat {config.model_overrides.remat_policy}; "
-                 f"batch {config.global_batch_size} rows" + (f" x {config.seq_len} tokens" if isinstance(
-                     trainer.task, train.LlmTask) else "") + f" in {config.grad_accum_steps} "
-                 f"microbatches")
+                 f"batch {config.global_batch_size} rows" + (f" x {config.seq_len} tokens" if "tokens" in
+                 layout.keys(trainer.task.batch_layout) else "") + f" in {config.grad_accum_steps} microbatches")
         print(format_report(title, report(compiled, chip, chips, program, analytic), chip, chips), flush=True)
         return
-    batch_size = _INFER_BATCH.value or int(np.prod([v for k, v in dict(
-        sh.create_mesh(config.mesh_shape, devices).shape).items() if k != "tensor"]))
+    batch_size = _INFER_BATCH.value or sh.batch_shards(sh.create_mesh(config.mesh_shape, devices),
+                                                       sh.rules_with_overrides(config.sharding_rules))
     prompt_len = _PROMPT_LEN.value or config.seq_len
     trainer, prefill, decode = compile_inference(config, devices, batch_size=batch_size, prompt_len=prompt_len)
     slots = max(config.max_images_per_row, 1)

@@ -178,11 +178,13 @@ def _multiplier(trained: bool, backprop_through: bool) -> int:
     return 1 + (2 if trained else int(backprop_through))
 
 
-def training_flops(config: Emu2Config, *, tokens: int, seq_len: int, images: int,
+def training_flops(config: Emu2Config, *, tokens: int, seq_len: float, images: int,
                    trainable: Sequence[str], lora: bool = False) -> float:
     """Matmul FLOPs of one optimizer step (2 per multiply-add), as used for MFU.
 
-    tokens: LLM positions processed (padding included); images: encoder passes (stills and frames).
+    tokens: LLM positions processed (padding included); seq_len: keys each query attends on average
+    (seq_len / 2 for causal attention, the convention of the tasks and `aot`); images: encoder passes
+    (stills and frames).
     A frozen encoder runs forward only; a frozen LLM still back-propagates when LoRA adapters or
     anything before it train. The small connector and LoRA matmuls are left out.
     """

@@ -2,11 +2,14 @@
 
 Every parameter and main activation in `emu2_jax.models` carries logical axis names
 (MaxText style). Only this module knows how those names land on the physical mesh axes
-`data`, `fsdp` and `tensor`; changing a parallelism strategy means editing `LOGICAL_RULES`.
+`data`, `fsdp` and `tensor` (docs/sharding.md). `LOGICAL_RULES` is the default table; a run
+overrides entries of it with `config.sharding_rules` (see `rules_with_overrides`), and every function
+here takes the rules in force.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -44,8 +47,10 @@ ACT_HEAD_DIM = "act_head_dim"
 ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
+Rules = tuple[tuple[str, Any], ...]  # (logical name, mesh axis | tuple of mesh axes | None)
+
 # (logical name, mesh axes) pairs; the first rule whose mesh axes are still free wins.
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+LOGICAL_RULES: Rules = (
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_LENGTH, None),
     (ACT_EMBED, None),
@@ -71,6 +76,29 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (POSITIONS, None),
     (LORA_RANK, None),
 )
+
+
+def rules_with_overrides(overrides: Sequence[Sequence[Any]] = ()) -> Rules:
+    """LOGICAL_RULES with the entries named in `overrides` replaced, e.g. from the config
+
+        --config.sharding_rules="(('act_batch', ('data', 'fsdp', 'tensor')), ('mlp', None))"
+
+    Each override is (logical name, mesh axis | tuple of mesh axes | None); an unknown logical name
+    or mesh axis is an error naming it."""
+    known = {name for name, _ in LOGICAL_RULES}
+    replaced = {}
+    for entry in overrides:
+        if len(entry) != 2:
+            raise ValueError(f"sharding_rules entry {tuple(entry)!r}: expected (logical name, mesh axes)")
+        name, axes = entry[0], entry[1]
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        unknown = [a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and a not in MESH_AXES]
+        if name not in known or unknown:
+            raise ValueError(f"sharding_rules entry ({name!r}, {axes!r}): "
+                             + (f"unknown logical axis; known: {sorted(known)}" if name not in known else
+                                f"unknown mesh axis {unknown[0]!r}; mesh axes: {MESH_AXES}"))
+        replaced[name] = axes
+    return tuple((name, replaced.get(name, axes)) for name, axes in LOGICAL_RULES)
 
 
 def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -114,3 +142,30 @@ def param_shardings(boxed_variables, mesh: Mesh, rules=LOGICAL_RULES):
     shardings = logical_to_sharding(nn.get_partition_spec(boxed_variables), mesh, rules)
     return jax.tree.map(lambda leaf, sharding: _replicate_nondividing(leaf.shape, sharding),
                         nn.unbox(boxed_variables), shardings)
+
+
+def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+    """How many ways the batch is split on `mesh`: the product of the mesh axes that the activation
+    batch axis maps to. Batch-size checks and batch placement both follow it."""
+    axes = nn.logical_to_mesh_axes((ACT_BATCH,), rules)[0]
+    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES, *, leading_accum: bool = True) -> NamedSharding:
+    """Training batches arrive as [grad_accum_steps, rows, ...] (`leading_accum`), prompts as
+    [rows, ...]; rows follow the activation batch rule."""
+    spec = PartitionSpec(None, ACT_BATCH) if leading_accum else PartitionSpec(ACT_BATCH)
+    return logical_to_sharding(spec, mesh, rules)
+
+
+def with_logical_rules(fn: Callable, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Callable:
+    """Traces `fn` with the logical-axis `rules` and `mesh` (abstractly) active; both are read at
+    trace time. Parameters and batches are placed by the jit shardings; Flax turns the models'
+    activation annotations (`nn.with_logical_constraint`) into sharding constraints only when a mesh
+    is in context."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped

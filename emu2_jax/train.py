@@ -8,22 +8,20 @@ field can be overridden on the command line, e.g. `--config.total_steps=200`. Ru
 command again resumes from the latest checkpoint in the workdir. What lands in the workdir:
   checkpoints/<step>/   Orbax checkpoints (state, data-iterator state, config), see checkpointing.py
   events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU)
-  samples/step_<N>.json greedy captions of sample images (LLM stages)
+  samples/              the task's samples, e.g. step_<N>.json greedy captions (LLM stages)
 
-What differs between stages is a *task*: the LLM stages' `LlmTask` (Emu2Model, text cross-entropy +
-visual regression) or the `decoder` stage's `decoder_task.DecoderTask` (frozen encoder and VAE, UNet
-denoising loss). A task gives the model, the batch layout, the loss of a microbatch, the data
-iterator and the FLOPs of a step; the loop, optimizer, shardings and checkpoints are shared.
+What differs between stages is a *task* (emu2_jax.tasks, named by `config.task`): the LLM stages'
+`tasks.llm.LlmTask` or the visual decoder's `tasks.decoder.DecoderTask`. A task gives the model, the
+batch layout, the loss of a microbatch, the data iterator, the FLOPs of a step and the samples; the
+loop, optimizer, shardings and checkpoints here are shared.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging as pylogging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -36,12 +34,9 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from emu2_jax import checkpointing, generate, metrics, optim
-from emu2_jax.tasks import decoder as decoder_task
+from emu2_jax import checkpointing, metrics, optim, tasks
 from emu2_jax import sharding as sh
-from emu2_jax.data import images as image_lib
-from emu2_jax.data import pipeline, tokenizer as tokenizer_lib
-from emu2_jax.models import emu2, presets
+from emu2_jax.data import layout
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -49,8 +44,6 @@ Batch = Mapping[str, np.ndarray]
 # Models above this size are refused on a host without accelerators (a 37B run would try to
 # allocate ~150 GB before failing); the `:tiny` variants are far below it.
 MAX_CPU_PARAMS = 2_000_000_000
-BATCH_KEYS = ("tokens", "targets", "text_loss_mask", "image_loss_mask", "segment_ids", "positions", "images",
-              "image_valid", "image_is_frame")
 
 
 @flax.struct.dataclass
@@ -64,38 +57,6 @@ class TrainState:
 # Model, mesh and shardings.
 
 
-def _flatten_overrides(overrides: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    """{'llm': {'lora_rank': 16}, 'dtype': 'bfloat16'} -> {'llm.lora_rank': 16, 'dtype': 'bfloat16'}."""
-    out = {}
-    for key, value in overrides.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flatten_overrides(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def model_config(config: ml_collections.ConfigDict) -> emu2.Emu2Config:
-    return presets.get_config(config.model, **_flatten_overrides(config.model_overrides))
-
-
-def uses_lora(model_cfg: emu2.Emu2Config) -> bool:
-    return model_cfg.llm.lora_rank > 0
-
-
-def dummy_batch(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config, rows: int) -> dict[str, Any]:
-    """Shape structs of a batch (batch.md) for abstract initialisation."""
-    seq, slots, size = config.seq_len, max(config.max_images_per_row, 1), model_cfg.vision.image_size
-    spec = jax.ShapeDtypeStruct
-    return {
-        "tokens": spec((rows, seq), jnp.int32), "targets": spec((rows, seq), jnp.int32),
-        "text_loss_mask": spec((rows, seq), jnp.float32), "image_loss_mask": spec((rows, seq), jnp.float32),
-        "segment_ids": spec((rows, seq), jnp.int32), "positions": spec((rows, seq), jnp.int32),
-        "images": spec((rows, slots, size, size, 3), jnp.float32),
-        "image_valid": spec((rows, slots), jnp.bool_), "image_is_frame": spec((rows, slots), jnp.bool_),
-    }
-
-
 def check_fits_host(config: ml_collections.ConfigDict, num_params: int) -> None:
     """Refuses to build a large model where there is no accelerator, saying what to run instead."""
     if jax.default_backend() == "cpu" and num_params > MAX_CPU_PARAMS and not config.allow_large_on_cpu:
@@ -105,29 +66,13 @@ def check_fits_host(config: ml_collections.ConfigDict, num_params: int) -> None:
             f"--config=configs/{config.stage}.py:tiny ; to insist, pass --config.allow_large_on_cpu=True.")
 
 
-def with_logical_rules(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """Traces `fn` with the project's logical-axis rules and `mesh` (abstractly) active; both are
-    read at trace time. Parameters and batches are placed by the jit shardings; Flax turns the
-    models' activation annotations (`nn.with_logical_constraint`) into sharding constraints only
-    when a mesh is in context."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with nn.logical_axis_rules(sh.LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-    return wrapped
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Batches arrive as [grad_accum_steps, rows, ...]; rows follow the activation batch rule."""
-    return sh.logical_to_sharding(PartitionSpec(None, sh.ACT_BATCH), mesh)
-
-
 def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int,
-                      keys: Sequence[str] = BATCH_KEYS) -> dict[str, jax.Array]:
-    """This process's rows [B_local, ...] -> global arrays [accum, B_global / accum, ...] of `keys`
-    (the task's `batch_keys`)."""
+                      batch_layout: layout.Layout = layout.LLM) -> dict[str, jax.Array]:
+    """This process's rows [B_local, ...] -> global arrays [accum, B_global / accum, ...] of the
+    arrays of `batch_layout` (the task's), after checking their shapes and dtypes against it."""
+    layout.check(batch_layout, local)
     out = {}
-    for key in keys:
+    for key in layout.keys(batch_layout):
         value = np.asarray(local[key])
         value = value.reshape(accum_steps, value.shape[0] // accum_steps, *value.shape[1:])
         global_shape = (accum_steps, value.shape[1] * jax.process_count(), *value.shape[2:])
@@ -136,82 +81,10 @@ def make_global_batch(local: Batch, sharding: NamedSharding, accum_steps: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: what differs between the LLM stages and the visual-decoder stage.
-
-
-@dataclasses.dataclass(frozen=True)
-class LlmTask:
-    """The Emu2 / Emu LLM stages: Emu2Model, text cross-entropy + visual-embedding regression."""
-    config: ml_collections.ConfigDict
-    model_cfg: emu2.Emu2Config
-    model: emu2.Emu2Model
-    components = emu2.COMPONENTS
-    batch_keys = BATCH_KEYS
-    metric_names = ("text_loss", "image_loss", "text_accuracy")
-
-    @classmethod
-    def create(cls, config: ml_collections.ConfigDict) -> "LlmTask":
-        model_cfg = model_config(config)
-        return cls(config=config, model_cfg=model_cfg, model=emu2.Emu2Model(model_cfg))
-
-    @property
-    def lora(self) -> bool:
-        return uses_lora(self.model_cfg)
-
-    def dummy_batch(self, rows: int) -> dict[str, Any]:
-        return dummy_batch(self.config, self.model_cfg, rows)
-
-    def loss_normalizers(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Supervised text / image positions of the whole batch [accum, rows, ...]."""
-        return {"text": jnp.maximum(batch["text_loss_mask"].sum(), 1.0),
-                "image": jnp.maximum(batch["image_loss_mask"].sum(), 1.0)}
-
-    def micro_loss(self, params: PyTree, micro: Mapping[str, jax.Array], normalizers: Mapping[str, jax.Array],
-                   rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Each microbatch's loss is weighted by its share of the batch's supervised tokens, so the
-        accumulated gradient equals that of the whole batch."""
-        del rng  # deterministic
-        text_weight, image_weight = self.config.text_loss_weight, self.config.image_loss_weight
-        outputs = self.model.apply({"params": params}, micro)
-        _, m = emu2.compute_losses(outputs, micro, text_weight=text_weight, image_weight=image_weight)
-        text_share, image_share = m["text_tokens"] / normalizers["text"], m["image_tokens"] / normalizers["image"]
-        parts = {"text_loss": m["text_loss"] * text_share, "image_loss": m["image_loss"] * image_share,
-                 "text_accuracy": m["text_accuracy"] * text_share}
-        return text_weight * parts["text_loss"] + image_weight * parts["image_loss"], parts
-
-    def counts(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        return {"tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32),
-                "images": batch["image_valid"].sum().astype(jnp.float32)}
-
-    def training_flops(self, abstract_params: PyTree) -> float:
-        del abstract_params  # analytic
-        config, rows = self.config, self.config.global_batch_size
-        return metrics.training_flops(self.model_cfg, tokens=rows * config.seq_len, seq_len=config.seq_len,
-                                      images=rows * max(config.max_images_per_row, 1),
-                                      trainable=tuple(config.trainable), lora=self.lora)
-
-    def create_iterator(self, config: ml_collections.ConfigDict, batch_size: int, shard_index: int,
-                        shard_count: int):
-        return pipeline.create_train_iterator(
-            config.data, tokenizer=load_tokenizer(config, self.model_cfg), seq_len=config.seq_len,
-            batch_size=batch_size, image_size=self.model_cfg.vision.image_size, n_query=self.model_cfg.n_query,
-            v_query=self.model_cfg.v_query, max_images_per_row=config.max_images_per_row, seed=config.seed,
-            shard_index=shard_index, shard_count=shard_count)
-
-
-Task = Union[LlmTask, decoder_task.DecoderTask]
-
-
-def make_task(config: ml_collections.ConfigDict) -> Task:
-    """The `decoder` stage's task, or the LLM task of every other stage."""
-    return decoder_task.DecoderTask.create(config) if config.stage == "decoder" else LlmTask.create(config)
-
-
-# ---------------------------------------------------------------------------------------------
 # The train step.
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     is_trainable: Callable, schedules: Mapping[str, optax.Schedule], trainable_shardings: PyTree,
                     micro_sharding: NamedSharding) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """One optimizer update from a batch [accum, rows, ...], accumulating gradients over `accum`.
@@ -265,59 +138,6 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, config: ml_col
 
 
 # ---------------------------------------------------------------------------------------------
-# Samples.
-
-
-def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[list[dict], np.ndarray]:
-    """([{'image': name, 'reference': caption}], normalised pixels [K, S, S, 3]) of the sample set.
-
-    `config.sample_pairs`: a JSONL of {"image": path relative to the file, "caption": ...} (held-out
-    images); empty means the embedded dataset's pairs, one per image.
-    """
-    if config.sample_pairs:
-        path, image_dir = config.sample_pairs, os.path.dirname(config.sample_pairs)
-    else:
-        path, image_dir = tokenizer_lib.EMBEDDED_DIR / "pairs.jsonl", tokenizer_lib.EMBEDDED_DIR / "images"
-    rows, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for row in (json.loads(line) for line in f if line.strip()):
-            if row["image"] not in seen:
-                seen.add(row["image"])
-                rows.append(row)
-    rows = rows[:config.num_samples]
-    pixels = []
-    for row in rows:
-        with open(os.path.join(image_dir, row["image"]), "rb") as f:
-            decoded = image_lib.decode_image(f.read())
-        pixels.append(image_lib.normalize(image_lib.resize_for_encoder(decoded, image_size)))
-    return [{"image": r["image"], "reference": r["caption"]} for r in rows], np.stack(pixels)
-
-
-def sample_prompt_batch(prompt: str, tokenizer: tokenizer_lib.Tokenizer, model_cfg: emu2.Emu2Config,
-                        pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """One row per sample image: `prompt` with its `[<IMG_PLH>]` expanded to the image's tokens."""
-    if prompt.count(tokenizer_lib.IMG_PLACEHOLDER) != 1:
-        raise ValueError(f"sample_prompt {prompt!r} must hold exactly one {tokenizer_lib.IMG_PLACEHOLDER}")
-    image = tokenizer_lib.IMG + tokenizer_lib.IMAGE * model_cfg.n_query + tokenizer_lib.IMG_END
-    ids = tokenizer.encode(prompt.replace(tokenizer_lib.IMG_PLACEHOLDER, image))
-    return {**generate.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": pixels[:, None],
-            "image_valid": np.ones((len(pixels), 1), bool), "image_is_frame": np.zeros((len(pixels), 1), bool)}
-
-
-def write_samples(workdir: str, step: int, samples: list[dict], new_tokens: np.ndarray,
-                  tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, list[str]]:
-    """Writes samples/step_<step>.json ({image, reference, caption} per sample); returns (path, captions)."""
-    stops = (tokenizer.eos_id, tokenizer.token_to_id(tokenizer_lib.EOC))
-    out = [{**s, "caption": tokenizer.decode(generate.truncate_at(row, stops), skip_special_tokens=True)}
-           for s, row in zip(samples, new_tokens)]
-    path = os.path.join(workdir, "samples", f"step_{step}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"step": step, "samples": out}, f, indent=1)
-    return path, [o["caption"] for o in out]
-
-
-# ---------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -330,23 +150,12 @@ def _mean_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> tokenizer_lib.Tokenizer:
-    """The tokenizer whose vocabulary (with or without the two chat tokens) matches the model's."""
-    path = config.data.tokenizer_path or None
-    for with_chat in (True, False):
-        tok = tokenizer_lib.load_tokenizer(path, with_chat_tokens=with_chat)
-        if tok.vocab_size == model_cfg.llm.vocab_size:
-            return tok
-    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: with Emu2's added tokens that "
-                     f"does not give the model's vocabulary of {model_cfg.llm.vocab_size}; point "
-                     f"--config.data.tokenizer_path at the model's sentencepiece tokenizer.model")
-
-
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """What a run builds from its config before the first step (nothing allocated yet)."""
-    task: Task
+    task: tasks.Task
     mesh: jax.sharding.Mesh
+    rules: sh.Rules                     # logical-axis rules in force (defaults + config.sharding_rules)
     tx: optax.GradientTransformation
     is_trainable: Callable
     param_shardings: PyTree
@@ -371,18 +180,20 @@ class Trainer:
 
 def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
     """Model, mesh, shardings, optimizer and the jitted train step of `config` (on `devices`, default all)."""
-    task = make_task(config)
+    task = tasks.create(config)
+    rules = sh.rules_with_overrides(config.sharding_rules)
     mesh = sh.create_mesh(config.mesh_shape, devices)
     replicated = NamedSharding(mesh, PartitionSpec())
-    rows, batch_shards = config.global_batch_size, mesh.shape["data"] * mesh.shape["fsdp"]
+    rows, batch_shards = config.global_batch_size, sh.batch_shards(mesh, rules)
     if rows % (config.grad_accum_steps * batch_shards) or rows % jax.process_count():
         raise ValueError(f"global_batch_size={rows} must divide into grad_accum_steps={config.grad_accum_steps} "
-                         f"microbatches over {batch_shards} data/fsdp shards and {jax.process_count()} processes")
+                         f"microbatches over {batch_shards} batch shards (mesh {dict(mesh.shape)}) and "
+                         f"{jax.process_count()} processes")
 
     # Parameters: shapes and logical axes from an abstract init, then shardings on this mesh.
     abstract = jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1))
     abstract_params = nn.unbox(abstract)["params"]
-    param_shardings = sh.param_shardings(abstract, mesh)["params"]
+    param_shardings = sh.param_shardings(abstract, mesh, rules)["params"]
     check_fits_host(config, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)))
 
     # Optimizer state exists for the trainable subtree only.
@@ -401,13 +212,14 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
         TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt_state),
         state_shardings)
 
-    micro_sharding = sh.logical_to_sharding(PartitionSpec(sh.ACT_BATCH), mesh)
+    micro_sharding = sh.batch_sharding(mesh, rules, leading_accum=False)
+    batch_sharding = sh.batch_sharding(mesh, rules)
     step_fn = make_train_step(task, tx, config, is_trainable, schedules, trainable_shardings, micro_sharding)
-    train_step = jax.jit(with_logical_rules(step_fn, mesh), in_shardings=(state_shardings, batch_sharding(mesh)),
+    train_step = jax.jit(sh.with_logical_rules(step_fn, mesh, rules), in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    return Trainer(task=task, mesh=mesh, tx=tx, is_trainable=is_trainable,
+    return Trainer(task=task, mesh=mesh, rules=rules, tx=tx, is_trainable=is_trainable,
                    param_shardings=param_shardings, state_shardings=state_shardings,
-                   abstract_state=abstract_state, batch_sharding=batch_sharding(mesh), train_step=train_step,
+                   abstract_state=abstract_state, batch_sharding=batch_sharding, train_step=train_step,
                    num_trainable=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_trainable)))
 
 
@@ -440,18 +252,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise ValueError(f"nonfinite={config.nonfinite!r}; expected 'skip' or 'stop'")
     os.makedirs(workdir, exist_ok=True)
     trainer = create_trainer(config, devices)
-    task, model_cfg, mesh = trainer.task, trainer.model_cfg, trainer.mesh
-    if config.sample_every_steps and not isinstance(task, LlmTask):
+    task, mesh = trainer.task, trainer.mesh
+    sampler = task.create_sampler(mesh, trainer.rules, workdir) if config.sample_every_steps else None
+    if config.sample_every_steps and sampler is None:
         raise ValueError(f"stage {config.stage!r} writes no samples during training (set sample_every_steps=0); "
                          f"decode images of a checkpoint with `python -m emu2_jax.autoencode`")
-    replicated = NamedSharding(mesh, PartitionSpec())
     logging.info("Model %s: %.3fB parameters, %.3fB trainable (%s%s); mesh %s", config.model,
                  trainer.num_params / 1e9, trainer.num_trainable / 1e9, ",".join(config.trainable),
                  ", LoRA adapters only in llm" if task.lora else "", dict(mesh.shape))
 
     # Data: this process's rows of every global batch.
-    data_iter = task.create_iterator(config, config.global_batch_size // jax.process_count(),
-                                     jax.process_index(), jax.process_count())
+    data_iter = task.create_iterator(config.global_batch_size // jax.process_count(), jax.process_index(),
+                                     jax.process_count())
 
     # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
     manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
@@ -469,24 +281,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer = metrics.SummaryWriter(workdir) if jax.process_index() == 0 else None
     flops = task.training_flops(trainer.abstract_state.params)
     peak = config.peak_tflops_per_device * 1e12 or metrics.peak_flops_per_device()
-    if config.sample_every_steps:
-        tokenizer = load_tokenizer(config, model_cfg)
-        samples, sample_pixels = load_sample_images(config, model_cfg.vision.image_size)
-        sample_prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
-                                     sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, sample_pixels))
-        sampler = with_logical_rules(generate.make_greedy_generate(
-            trainer.model, max_new_tokens=config.sample_max_new_tokens), mesh)
     preemption = checkpointing.PreemptionWatcher(manager)
 
     def save(step: int, force: bool = False) -> None:
         if checkpointing.save_checkpoint(manager, step, state, data_iter.get_state(), config, force=force):
             logging.info("Saving checkpoint at step %d to %s/%d.", step, manager.directory, step)
-
-    def sample(step: int) -> None:
-        new_tokens = np.asarray(jax.device_get(sampler(state.params, sample_prompt)))
-        if jax.process_index() == 0:
-            path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
-            logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
 
     history: list[dict] = []
     pending: tuple[int, dict] | None = None  # the last step's metrics, fetched one step late
@@ -513,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         loop_start = time.perf_counter()
         for step in range(start_step + 1, config.total_steps + 1):
             batch = make_global_batch(next(data_iter), trainer.batch_sharding, config.grad_accum_steps,
-                                      task.batch_keys)
+                                      task.batch_layout)
             state, step_metrics = trainer.train_step(state, batch)
             flush()  # the previous step's, which has finished by now: no stall of the device queue
             pending = (step, step_metrics)
@@ -534,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if writer:
                     writer.scalars(step, values)
             if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == config.total_steps):
-                sample(step)
+                sampler(step, state.params, writer)
             if preemption.reached(step):
                 flush()
                 save(step, force=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import decoder
-from emu2_jax import checkpointing, train
+from emu2_jax import checkpointing, tasks, train
 from emu2_jax.tasks import decoder as decoder_task
 
 STEPS = 40
@@ -27,12 +27,12 @@ def run():
     """Trains the tiny decoder for STEPS steps on one device; keeps the initial and final states."""
     config = _config()
     trainer = train.create_trainer(config, devices=jax.devices()[:1])
-    data = trainer.task.create_iterator(config, config.global_batch_size, 0, 1)
+    data = trainer.task.create_iterator(config.global_batch_size, 0, 1)
     state = train.init_state(trainer, config)
     initial = _host(state.params)
     history = []
     for _ in range(STEPS):
-        batch = train.make_global_batch(next(data), trainer.batch_sharding, 1, trainer.task.batch_keys)
+        batch = train.make_global_batch(next(data), trainer.batch_sharding, 1, trainer.task.batch_layout)
         state, step_metrics = trainer.train_step(state, batch)
         history.append(_host(step_metrics))
     return config, trainer, data, state, initial, history
@@ -40,7 +40,7 @@ def run():
 
 def test_tiny_decoder_config_builds():
     config = _config()
-    task = train.make_task(config)
+    task = tasks.create(config)
     assert isinstance(task, decoder_task.DecoderTask) and config.trainable == ("unet",)
     assert task.model_cfg.unet.cross_attention_dim == task.model_cfg.vision.width
     real = decoder.get_config()
@@ -100,11 +100,11 @@ def test_checkpoint_round_trip_and_resume(run, tmp_path):
     manager.close()
     for got, want in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(state))):
         assert np.array_equal(got, want)
-    resumed_data = trainer.task.create_iterator(config, config.global_batch_size, 0, 1)
+    resumed_data = trainer.task.create_iterator(config.global_batch_size, 0, 1)
     resumed_data.set_state(data_state)
     local = next(data)
     np.testing.assert_array_equal(next(resumed_data)["target_images"], local["target_images"])
-    batch = train.make_global_batch(local, trainer.batch_sharding, 1, trainer.task.batch_keys)
+    batch = train.make_global_batch(local, trainer.batch_sharding, 1, trainer.task.batch_layout)
     _, restored_metrics = trainer.train_step(restored, batch)
     _, metrics = trainer.train_step(state, batch)
     np.testing.assert_array_equal(float(restored_metrics["loss"]), float(metrics["loss"]))

@@ -4,13 +4,12 @@ Abstract only (eval_shape): the logical specs go through sharding.LOGICAL_RULES 
 dimension must divide by the product of its mesh axes' sizes (jit refuses uneven argument shardings).
 """
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
 
 from emu2_jax import sharding as sh
-from emu2_jax import train
+from emu2_jax.data import layout
 from emu2_jax.models import emu2, presets
 
 # (data, fsdp, tensor) meshes per preset: v5p-256 = 128 chips, v5p-512 / v5e-256 = 256 chips.
@@ -24,7 +23,7 @@ MESHES = {
 
 def _mesh_specs(name):
     config = presets.get_config(name)
-    batch = train.dummy_batch(ml_collections.ConfigDict(dict(seq_len=16, max_images_per_row=1)), config, 1)
+    batch = layout.abstract(layout.LLM, rows=1, seq_len=16, slots=1, image_size=config.vision.image_size)
     abstract = jax.eval_shape(emu2.Emu2Model(config).init, jax.random.key(0), batch)
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), sh.LOGICAL_RULES)["params"]
     shapes = nn.unbox(abstract)["params"]

@@ -13,6 +13,7 @@ import pytest
 
 from configs import chat, emu1_chat, gen, stage1, stage2
 from emu2_jax import metrics, train
+from emu2_jax.tasks import llm as llm_task
 from emu2_jax.data import pipeline, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ LR = {"projector": 1e-3, "llm": 3e-4}
 
 def _batches(config, trainer, count):
     it = pipeline.create_train_iterator(
-        config.data, tokenizer=train.load_tokenizer(config, trainer.model_cfg), seq_len=config.seq_len,
+        config.data, tokenizer=llm_task.load_tokenizer(config, trainer.model_cfg), seq_len=config.seq_len,
         batch_size=config.global_batch_size, image_size=trainer.model_cfg.vision.image_size,
         n_query=trainer.model_cfg.n_query, v_query=trainer.model_cfg.v_query,
         max_images_per_row=config.max_images_per_row, seed=config.seed)
@@ -59,7 +60,7 @@ def test_sharded_accumulated_step_equals_single_device_step(stage2_single):
     llm, rows = sharded.model_cfg.llm, sharded_config.global_batch_size // sharded_config.grad_accum_steps
     lowered = sharded.train_step.lower(sharded.abstract_state, jax.tree.map(
         lambda s: jax.ShapeDtypeStruct((2, rows, *s.shape[1:]), s.dtype, sharding=sharded.batch_sharding),
-        train.dummy_batch(sharded_config, sharded.model_cfg, rows))).as_text()
+        sharded.task.dummy_batch(rows))).as_text()
     heads = f"tensor<{rows}x{config.seq_len}x{llm.num_heads}x{llm.head_dim}x"
     assert any("sharding_constraint" in line and '{"tensor"}' in line and heads in line
                for line in lowered.splitlines())
@@ -259,16 +260,16 @@ def test_stage_configs_build(module, arg):
     for field in ("total_steps", "checkpoint_every_steps", "log_every_steps", "seed", "global_batch_size",
                   "mesh_shape"):
         assert field in config, field
-    model_cfg = train.model_config(config)
+    model_cfg = llm_task.model_config(config)
     train.optim.create_optimizer(config.optimizer, config.total_steps)
     if arg and "tiny" in arg:
         assert config.model == "tiny" and config.global_batch_size <= 8
-        assert train.load_tokenizer(config, model_cfg).vocab_size == model_cfg.llm.vocab_size
+        assert llm_task.load_tokenizer(config, model_cfg).vocab_size == model_cfg.llm.vocab_size
         assert train.create_trainer(config, devices=jax.devices()[:1]).num_params < 5_000_000
     else:
         assert model_cfg.llm.num_layers >= 40 and config.global_batch_size >= 128
         with pytest.raises(ValueError, match="tokenizer_path"):  # the embedded tokenizer is not LLaMA's
-            train.load_tokenizer(config, model_cfg)
+            llm_task.load_tokenizer(config, model_cfg)
     with pytest.raises(ValueError, match="unknown config variant"):
         module.get_config("huge")
 
@@ -288,7 +289,7 @@ def test_event_files_round_trip(tmp_path):
 
 
 def test_training_flops_estimate():
-    config = train.model_config(stage1.get_config())
+    config = llm_task.model_config(stage1.get_config())
     llm = config.llm
     per_token = 2 * llm.num_layers * (4 * llm.hidden_size ** 2 + 3 * llm.hidden_size * llm.intermediate_size)
     text_only = metrics.training_flops(config, tokens=1000, seq_len=1, images=0, trainable=("llm",))
@@ -310,7 +311,7 @@ def test_real_configs_lower_on_an_fsdp_mesh(module):
                   max_images_per_row=1)
     trainer = train.create_trainer(config)
     batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
-                         train.dummy_batch(config, trainer.model_cfg, 8))
+                         trainer.task.dummy_batch(8))
     lowered = trainer.train_step.lower(trainer.abstract_state, batch)
     assert trainer.num_params > 14e9
     embed = trainer.abstract_state.params["llm"]["embed_tokens"]["embedding"]

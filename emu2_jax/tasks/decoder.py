@@ -25,14 +25,13 @@ import numpy as np
 from flax import linen as nn
 
 from emu2_jax import diffusion
-from emu2_jax.data import pipeline, tokenizer as tokenizer_lib
+from emu2_jax.data import layout, pipeline, tokenizer as tokenizer_lib
 from emu2_jax.models import presets, unet as unet_lib, vae as vae_lib
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
 from emu2_jax.models.projector import mean_pool_patches
 
 PyTree = Any
 COMPONENTS = ("visual", "unet", "vae")
-BATCH_KEYS = ("images", "target_images", "original_size", "crop_coords", "target_size")
 
 UNET_PRESETS = {"sdxl_emu2": unet_lib.sdxl_emu2_unet_config, "tiny": unet_lib.tiny_sdxl_unet_config}
 VAE_PRESETS = {"sdxl": vae_lib.sdxl_vae_config, "tiny": vae_lib.tiny_vae_config}
@@ -137,7 +136,7 @@ class DecoderTask:
     model: VisualDecoderModel
     components = COMPONENTS
     lora = False
-    batch_keys = BATCH_KEYS
+    batch_layout = layout.DECODER
     metric_names = ("denoise_loss", "cond_dropped")
 
     @classmethod
@@ -146,9 +145,8 @@ class DecoderTask:
         return cls(config=config, model_cfg=model_cfg, model=VisualDecoderModel(model_cfg))
 
     def dummy_batch(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-        s, d, spec = self.model_cfg.vision.image_size, self.model_cfg.decoder_image_size, jax.ShapeDtypeStruct
-        return {"images": spec((rows, s, s, 3), jnp.float32), "target_images": spec((rows, d, d, 3), jnp.float32),
-                **{k: spec((rows, 2), jnp.int32) for k in ("original_size", "crop_coords", "target_size")}}
+        return layout.abstract(layout.DECODER, rows=rows, image_size=self.model_cfg.vision.image_size,
+                               decoder_size=self.model_cfg.decoder_image_size)
 
     def loss_normalizers(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return {"rows": jnp.asarray(batch["images"].shape[0] * batch["images"].shape[1], jnp.float32)}
@@ -195,14 +193,19 @@ class DecoderTask:
 
         return rows * (count(forward) + 2 * count(unet))
 
-    def create_iterator(self, config: ml_collections.ConfigDict, batch_size: int, shard_index: int,
-                        shard_count: int):
+    def create_iterator(self, batch_size: int, shard_index: int, shard_count: int):
+        config = self.config
         # The decoder data path reads no text; the embedded tokenizer satisfies the interface.
         return pipeline.create_train_iterator(
             config.data, tokenizer=tokenizer_lib.load_tokenizer(config.data.tokenizer_path or None),
             seq_len=1, batch_size=batch_size, image_size=self.model_cfg.vision.image_size,
             n_query=self.model_cfg.n_query, v_query=1, max_images_per_row=1, seed=config.seed,
             shard_index=shard_index, shard_count=shard_count)
+
+    def create_sampler(self, mesh: jax.sharding.Mesh, rules: Any, workdir: str) -> None:
+        """None: no samples during training; decode images of a checkpoint with emu2_jax.autoencode."""
+        del mesh, rules, workdir
+        return None
 
 
 def sample_images(model: VisualDecoderModel, params: PyTree, images: jax.Array, rng: jax.Array, *,
