@@ -7,7 +7,8 @@ Each stage is a config file (configs/<stage>.py; `:tiny` runs on a laptop CPU in
 field can be overridden on the command line, e.g. `--config.total_steps=200`. Running the same
 command again resumes from the latest checkpoint in the workdir. What lands in the workdir:
   checkpoints/<step>/   Orbax checkpoints (state, data-iterator state, config), see checkpointing.py
-  events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU)
+  events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU), and the
+                        sample images with their captions (LLM stages)
   samples/step_<N>.json greedy captions of sample images (LLM stages)
 
 What differs between stages is a *task*: the LLM stages' `LlmTask` (Emu2Model, text cross-entropy +
@@ -471,6 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.sample_every_steps:
         tokenizer = load_tokenizer(config, model_cfg)
         samples, sample_pixels = load_sample_images(config, model_cfg.vision.image_size)
+        sample_images = image_lib.denormalize(sample_pixels)  # uint8, for TensorBoard
         sample_prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
                                      sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, sample_pixels))
         sampler = with_logical_rules(generate.make_greedy_generate(
@@ -482,10 +484,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             logging.info("Saving checkpoint at step %d to %s/%d.", step, manager.directory, step)
 
     def sample(step: int) -> None:
+        nonlocal sample_images
         new_tokens = np.asarray(jax.device_get(sampler(state.params, sample_prompt)))
         if jax.process_index() == 0:
             path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
             logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
+            if sample_images is not None:  # the inputs never change: once per process is enough
+                writer.images(step, {f"samples/{i}": image for i, image in enumerate(sample_images)})
+                sample_images = None
+            writer.text(step, {f"samples/{i}": f"{caption}\n\nreference: {s['reference']} ({s['image']})"
+                               for i, (s, caption) in enumerate(zip(samples, captions))})
 
     history: list[dict] = []
     pending: tuple[int, dict] | None = None  # the last step's metrics, fetched one step late
