@@ -15,6 +15,7 @@ RUNTIME = [
     "chex>=0.1.92",
     "numpy>=2.0",
     "pillow>=10",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS = {

@@ -1,18 +1,16 @@
-"""What a training run reports: the progress line, TensorBoard scalars, throughput and MFU.
+"""What a training run reports: the progress line, TensorBoard summaries, throughput and MFU.
 
-TensorBoard event files are written by `SummaryWriter`, a small writer of our own (TensorFlow is
-not a dependency, and `flax.metrics.tensorboard` needs it): TFRecord framing with masked CRC32C
-around hand-encoded `Event` protos holding `simple_value` scalars, which TensorBoard reads as is.
+TensorBoard event files (scalars, sample images and captions) are written with tensorboardX
+(`SummaryWriter` here), which needs no TensorFlow; `flax.metrics.tensorboard` would.
 """
 from __future__ import annotations
 
-import os
-import socket
-import struct
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
+import tensorboardX
 
 from emu2_jax.models.emu2 import Emu2Config
 
@@ -20,140 +18,41 @@ from emu2_jax.models.emu2 import Emu2Config
 # TensorBoard event files.
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum of TFRecord files."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(payload: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC, the payload, its masked CRC (little endian)."""
-    length = struct.pack("<Q", len(payload))
-    return length + struct.pack("<I", _masked_crc(length)) + payload + struct.pack("<I", _masked_crc(payload))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits, value = value & 0x7F, value >> 7
-        out.append(bits | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def event_proto(wall_time: float, step: int, *, file_version: str | None = None,
-                scalars: Mapping[str, float] | None = None) -> bytes:
-    """A serialized tensorflow `Event` (wall_time=1, step=2, file_version=3, summary=5)."""
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode())
-    if scalars:
-        # Summary.value (1) = Value{tag (1), simple_value (2, float32)}.
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(v)))
-            for tag, v in scalars.items())
-        out += _field_bytes(5, values)
-    return out
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(data: bytes):
-    """(field number, value) of a serialized proto: ints, doubles/floats as bytes, nested as bytes."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
-        elif wire == 2:
-            size, pos = _read_varint(data, pos)
-            value, pos = data[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, value
-
-
-def read_scalars(path: str) -> list[tuple[int, dict[str, float]]]:
-    """(step, {tag: value}) of every scalar event in an event file, checking each record's CRCs."""
-    with open(path, "rb") as f:
-        data = f.read()
-    out, pos = [], 0
-    while pos < len(data):
-        header, (length_crc,) = data[pos:pos + 8], struct.unpack("<I", data[pos + 8:pos + 12])
-        (length,) = struct.unpack("<Q", header)
-        payload = data[pos + 12:pos + 12 + length]
-        (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        if length_crc != _masked_crc(header) or payload_crc != _masked_crc(payload):
-            raise ValueError(f"{path}: corrupt record at byte {pos}")
-        pos += 16 + length
-        step, scalars = 0, {}
-        for number, value in _fields(payload):
-            if number == 2:
-                step = value
-            elif number == 5:
-                for _, summary_value in _fields(value):
-                    fields = dict(_fields(summary_value))
-                    if 2 in fields:
-                        scalars[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-        if scalars:
-            out.append((step, scalars))
-    return out
-
-
 class SummaryWriter:
-    """Appends scalar summaries to `<logdir>/events.out.tfevents.<time>.<host>`."""
+    """Scalars, images and text for TensorBoard in `<logdir>/events.out.tfevents.<time>.<host>`.
 
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")
-        self._file.write(tfrecord(event_proto(time.time(), 0, file_version="brain.Event:2")))
-        self._file.flush()
+    A thin layer over `tensorboardX.SummaryWriter`. Its summaries pass through a queue to a writer
+    thread, which puts them on disk within `flush_secs` (so TensorBoard sees a running job);
+    `close` writes out everything still queued.
+    """
+
+    def __init__(self, logdir: str, flush_secs: float = 2.0):
+        self.logdir = logdir
+        self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=flush_secs, max_queue=1000)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        self._file.write(tfrecord(event_proto(time.time(), step, scalars=values)))
-        self._file.flush()
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), step)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """images: {tag: uint8 [H, W, 3], or [N, H, W, 3] shown as one row-major grid of 8 columns}."""
+        for tag, pixels in images.items():
+            pixels = np.asarray(pixels)
+            if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+                raise ValueError(f"image {tag!r}: want uint8 [H, W, 3] or [N, H, W, 3], got {pixels.dtype} "
+                                 f"{list(pixels.shape)}")
+            if pixels.ndim == 3:
+                self._writer.add_image(tag, pixels, step, dataformats="HWC")
+            else:
+                self._writer.add_images(tag, pixels, step, dataformats="NHWC")
+
+    def text(self, step: int, texts: Mapping[str, str]) -> None:
+        """texts: {tag: markdown}; TensorBoard's text dashboard shows it under `<tag>/text_summary`."""
+        for tag, value in texts.items():
+            self._writer.add_text(tag, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()
 
 
 # ---------------------------------------------------------------------------------------------

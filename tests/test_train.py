@@ -2,9 +2,11 @@
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -13,8 +15,10 @@ import pytest
 
 from configs import chat, emu1_chat, gen, stage1, stage2
 from emu2_jax import metrics, train
+from emu2_jax.data import images as image_lib
 from emu2_jax.tasks import llm as llm_task
 from emu2_jax.data import pipeline, tokenizer
+from tests import tb_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = {"projector": 1e-3, "llm": 3e-4}
@@ -165,7 +169,7 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     assert "Non-finite loss or update at step 5" in caplog.text
 
     (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
-    scalars = dict(metrics.read_scalars(events))
+    scalars = tb_events.read_scalars(events)
     assert sorted(scalars) == [1, 20, 40, 60, 80, 100]
     assert scalars[1]["loss"] > 6.0 and scalars[100]["loss"] < 0.3, {s: v["loss"] for s, v in scalars.items()}
     assert scalars[20]["nonfinite"] == 1.0 and np.isfinite(scalars[20]["loss"])
@@ -180,6 +184,19 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     assert len(samples) == 4
     reproduced = [s["caption"] in captions[s["image"]] for s in samples]
     assert sum(reproduced) >= 3, samples
+
+    # The same samples in TensorBoard: the input images (CLIP normalisation undone) and their captions.
+    images = tb_events.read_images(events)
+    size = train.model_config(config).vision.image_size
+    expected = image_lib.denormalize(llm_task.load_sample_images(config, size)[1])
+    assert list(images) == [100] and list(images[100]) == [f"samples/{i}" for i in range(4)]
+    for i in range(4):
+        np.testing.assert_array_equal(images[100][f"samples/{i}"], expected[i])
+    assert expected.shape == (4, size, size, 3) and expected.std() > 20  # real pictures, not a flat fill
+    texts = tb_events.read_text(events)
+    assert list(texts) == [100]
+    assert texts[100] == {f"samples/{i}": f"{s['caption']}\n\nreference: {s['reference']} ({s['image']})"
+                          for i, s in enumerate(samples)}
 
 
 def test_nonfinite_stop_policy_keeps_checkpoints_clean(tmp_path, monkeypatch):
@@ -275,17 +292,46 @@ def test_stage_configs_build(module, arg):
 
 
 def test_event_files_round_trip(tmp_path):
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     writer = metrics.SummaryWriter(str(tmp_path))
     writer.scalars(3, {"loss": 2.5, "lr/llm": 1e-4})
     writer.scalars(7, {"loss": 1.25})
+    rng = np.random.default_rng(0)
+    image, batch = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((12, 10, 3), (2, 6, 8, 3)))
+    writer.images(7, {"samples/0": image, "batch": batch})
+    writer.text(7, {"samples/0": "a cat on a mat", "notes": "ünïcode *markdown*"})
+    with pytest.raises(ValueError, match="uint8"):
+        writer.images(7, {"normalised": image.astype(np.float32)})
     writer.close()
-    assert metrics.read_scalars(writer.path) == [(3, {"loss": 2.5, "lr/llm": np.float32(1e-4)}), (7, {"loss": 1.25})]
-    data = bytearray(open(writer.path, "rb").read())
+
+    (path,) = tb_events.event_files(tmp_path)
+    assert tb_events.read_scalars(path) == {3: {"loss": 2.5, "lr/llm": np.float32(1e-4)}, 7: {"loss": 1.25}}
+    images = tb_events.read_images(path)
+    assert list(images) == [7] and sorted(images[7]) == ["batch", "samples/0"]
+    np.testing.assert_array_equal(images[7]["samples/0"], image)  # PNG: lossless
+    np.testing.assert_array_equal(images[7]["batch"], np.concatenate(list(batch), axis=1))  # a grid of one row
+    assert tb_events.read_text(path) == {7: {"samples/0": "a cat on a mat", "notes": "ünïcode *markdown*"}}
+
+    file = pathlib.Path(path)
+    data = bytearray(file.read_bytes())
     data[-6] ^= 1
-    open(writer.path, "wb").write(bytes(data))
+    file.write_bytes(data)
     with pytest.raises(ValueError, match="corrupt record"):
-        metrics.read_scalars(writer.path)
+        tb_events.read_scalars(path)
+    file.write_bytes(data[:-3])
+    with pytest.raises(ValueError, match="truncated record"):
+        tb_events.read_scalars(path)
+
+
+def test_event_files_are_readable_while_the_writer_is_open(tmp_path):
+    writer = metrics.SummaryWriter(str(tmp_path), flush_secs=0.2)
+    try:
+        writer.scalars(5, {"loss": 0.5})
+        deadline = time.monotonic() + 30
+        while not tb_events.read_scalars(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tb_events.read_scalars(tmp_path) == {5: {"loss": 0.5}}
+    finally:
+        writer.close()
 
 
 def test_training_flops_estimate():

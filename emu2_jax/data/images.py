@@ -1,6 +1,6 @@
-"""Pixels: decoding, the encoder's resize + CLIP normalisation, uniform frame sampling, the
-SDXL-style decoder targets (with original_size / crop_coords / target_size) and the box images of
-Emu2-Gen's grounded prompts."""
+"""Pixels: decoding, the encoder's resize + CLIP normalisation (and its inverse), uniform frame
+sampling, the SDXL-style decoder targets (with original_size / crop_coords / target_size) and the
+box images of Emu2-Gen's grounded prompts."""
 from __future__ import annotations
 
 import io
@@ -68,6 +68,11 @@ def resize_for_encoder(pixels: np.ndarray, size: int, mode: str = "squash") -> n
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 [..., 3] -> float32 CLIP-normalised pixels."""
     return (pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def denormalize(pixels: np.ndarray) -> np.ndarray:
+    """CLIP-normalised pixels [..., 3] -> uint8, the inverse of `normalize` (rounded, clipped to 0..255)."""
+    return np.clip(np.rint((np.asarray(pixels, np.float32) * CLIP_STD + CLIP_MEAN) * 255.0), 0, 255).astype(np.uint8)
 
 
 def sample_frame_indices(num_total: int, num_frames: int) -> list[int]:

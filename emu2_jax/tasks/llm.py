@@ -134,12 +134,22 @@ class LlmTask:
         greedy = sh.with_logical_rules(
             generate.make_greedy_generate(self.model, max_new_tokens=config.sample_max_new_tokens), mesh, rules)
 
+        images_written = False  # the inputs never change: once per process is enough
+
         def sample(step: int, params: PyTree, writer: metrics.SummaryWriter | None) -> None:
-            del writer  # captions go to samples/ only
+            nonlocal images_written
             new_tokens = np.asarray(jax.device_get(greedy(params, prompt)))
-            if jax.process_index() == 0:
-                path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
-                logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
+            if jax.process_index() != 0:
+                return
+            path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
+            logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
+            if writer:
+                if not images_written:
+                    writer.images(step, {f"samples/{i}": image
+                                         for i, image in enumerate(image_lib.denormalize(pixels))})
+                    images_written = True
+                writer.text(step, {f"samples/{i}": f"{caption}\n\nreference: {s['reference']} ({s['image']})"
+                                   for i, (s, caption) in enumerate(zip(samples, captions))})
 
         return sample
 

@@ -51,6 +51,12 @@ def test_normalize_uses_clip_statistics():
     assert out.dtype == np.float32
 
 
+def test_denormalize_inverts_normalize():
+    pixels = (np.arange(16 * 16 * 3) % 256).astype(np.uint8).reshape(16, 16, 3)  # every value
+    np.testing.assert_array_equal(im.denormalize(im.normalize(pixels)), pixels)
+    assert im.denormalize(np.full((1, 3), 100.0)).tolist() == [[255, 255, 255]]  # clipped, not wrapped
+
+
 def test_uniform_frame_sampling():
     assert im.sample_frame_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert im.sample_frame_indices(8, 8) == list(range(8))
