@@ -152,7 +152,7 @@ def report(compiled, chip: Chip, chips: int, program_flops: float, analytic_flop
     if analytic_flops:
         out_["analytic_flops_total"] = analytic_flops
         out_["flops_ratio"] = program_flops / analytic_flops
-        out_["roofline_mfu"] = analytic_flops / (chips * chip.peak_tflops * 1e12 * step_s) if step_s else 0.0
+        out_["roofline_mfu"] = metrics.mfu(analytic_flops, step_s, chip.peak_tflops * 1e12, chips)
     return out_
 
 

@@ -106,6 +106,12 @@ def training_flops(config: Emu2Config, *, tokens: int, seq_len: float, images: i
 # The progress line.
 
 
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, devices: int) -> float:
+    """Model FLOPs utilisation: the task's FLOPs of a step (training_flops) over what `devices` chips
+    at their peak could do in `step_seconds`. The training loop and `aot` both report this."""
+    return flops_per_step / step_seconds / (peak_flops_per_device * devices) if step_seconds else 0.0
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -134,7 +140,7 @@ class Throughput:
             "eta_seconds": (self._total - step) * seconds / steps,
         }
         if self._peak:
-            out["mfu"] = self._flops * steps / seconds / (self._peak * jax.device_count())
+            out["mfu"] = mfu(self._flops, seconds / steps, self._peak, jax.device_count())
         return out
 
 

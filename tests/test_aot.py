@@ -3,12 +3,14 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from emu2_jax import aot
+from configs import stage2
+from emu2_jax import aot, metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,3 +62,32 @@ def test_jaxpr_flops_counts_scans_and_remat():
     # layer backward (input and weight gradients); the head's weight is a constant: one backward matmul.
     grad = forward + 3 * 2 * 4 * 8 * 8 + 3 * 2 * (2 * 4 * 8 * 8) + 2 * 4 * 8 * 2
     assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr) == grad
+
+
+def test_training_mfu_and_aot_mfu_agree(monkeypatch):
+    """One FLOPs convention (causal attention at half) and one MFU formula for the training loop's
+    progress line and aot's roofline: the same step time gives the same MFU."""
+    config = stage2.get_config("tiny")
+    trainer = train.create_trainer(config, devices=jax.devices()[:1])
+    flops = trainer.task.training_flops(trainer.abstract_state.params)
+    rows, seq = config.global_batch_size, config.seq_len
+    counted = dict(tokens=rows * seq, images=rows * config.max_images_per_row, trainable=tuple(config.trainable))
+    assert flops == metrics.training_flops(trainer.model_cfg, seq_len=seq / 2, **counted)
+    llm = trainer.model_cfg.llm  # the attention term at half: 3 passes x 4 x layers x (S/2) x heads x head_dim
+    full = metrics.training_flops(trainer.model_cfg, seq_len=seq, **counted)
+    assert full - flops == pytest.approx(3 * 4 * llm.num_layers * seq / 2 * llm.num_heads * llm.head_dim * rows * seq)
+
+    step_s, peak, chips = 0.5, 1e12, jax.device_count()
+    clock = iter([100.0, 100.0 + 4 * step_s])  # the meter's start, then a report 4 steps later
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    training_mfu = metrics.Throughput(0, 10, flops, peak).report(4, tokens=0.0, images=0.0)["mfu"]
+
+    chip = aot.Chip("test", hbm_gib=16, peak_tflops=peak / 1e12, hbm_gbps=1000, cores_per_name=1, dims=2)
+    memory = types.SimpleNamespace(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
+                                   temp_size_in_bytes=0, generated_code_size_in_bytes=0)
+    compiled = types.SimpleNamespace(memory_analysis=lambda: memory, cost_analysis=lambda: {})
+    # A program whose compute at peak takes step_s: the roofline step time.
+    aot_report = aot.report(compiled, chip, chips, program_flops=step_s * peak * chips, analytic_flops=flops)
+    assert aot_report["roofline_step_s"] == step_s
+    assert training_mfu == pytest.approx(aot_report["roofline_mfu"], rel=1e-12)
+    assert training_mfu == pytest.approx(flops / (step_s * peak * chips))

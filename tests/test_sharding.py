@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from configs import stage1
 from emu2_jax import sharding as sh
+from emu2_jax import train
 from emu2_jax.data import layout
 from emu2_jax.models import emu2, presets
 
@@ -58,3 +60,35 @@ def test_chat_vocabulary_does_not_divide_by_four():
     vocab = presets.get_config("emu2_chat_37b").llm.vocab_size
     assert vocab % 2 == 0 and vocab % 4
     assert any("tensor" in jax.tree.leaves(tuple(s)) and vocab in x.shape for (_, x), s in zip(leaves, specs))
+
+
+def test_sharding_rule_overrides_replace_entries_in_place():
+    rules = sh.rules_with_overrides([("act_batch", ["data", "fsdp", "tensor"]), ("vocab", None)])
+    assert [name for name, _ in rules] == [name for name, _ in sh.LOGICAL_RULES]
+    assert dict(rules)["act_batch"] == ("data", "fsdp", "tensor") and dict(rules)["vocab"] is None
+    assert dict(rules)["mlp"] == dict(sh.LOGICAL_RULES)["mlp"]
+    with pytest.raises(ValueError, match="'act_btch'.*unknown logical axis"):
+        sh.rules_with_overrides([("act_btch", "data")])
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        sh.rules_with_overrides([("mlp", "model")])
+
+
+def test_batch_split_follows_the_rules_in_force():
+    mesh = sh.create_mesh((2, 2, 2), jax.devices()[:8])
+    assert sh.batch_shards(mesh) == 4  # rows over data x fsdp
+    everywhere = sh.rules_with_overrides([("act_batch", ("data", "fsdp", "tensor"))])
+    assert sh.batch_shards(mesh, everywhere) == 8
+    assert sh.batch_sharding(mesh, everywhere).spec == jax.sharding.PartitionSpec(None, ("data", "fsdp", "tensor"))
+
+
+def test_config_sharding_rules_reach_the_trainer():
+    config = stage1.get_config("tiny")
+    config.mesh_shape, config.global_batch_size = (2, 2, 2), 4
+    train.create_trainer(config)  # 4 rows over data x fsdp = 4 shards
+    config.sharding_rules = (("act_batch", ("data", "fsdp", "tensor")),)
+    with pytest.raises(ValueError, match="global_batch_size=4 must divide .* over 8 batch shards"):
+        train.create_trainer(config)
+    config.global_batch_size = 8
+    trainer = train.create_trainer(config)
+    assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp", "tensor"))
+    assert dict(trainer.rules)["act_batch"] == ("data", "fsdp", "tensor")
