@@ -6,7 +6,7 @@ r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-s
 `--checkpoint` is a decoder-stage training workdir, its `checkpoints/` folder or one step's folder
 in it (the latest step is used for the first two). The image is resized (squash) and normalised for
 the encoder; its pooled embeddings condition Euler sampling with classifier-free guidance against
-the zero-image encoding (SPEC.md §4 "Autoencoding mode", §5); the VAE decodes the latents and the
+the zero-image encoding (docs/model.md#image-generation, #visual-decoder); the VAE decodes the latents and the
 PNG is written at the decoder's resolution.
 """
 from __future__ import annotations

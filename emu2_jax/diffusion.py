@@ -1,6 +1,6 @@
 """Noise schedule, epsilon-prediction training inputs and the Euler sampler of Emu2's visual decoder.
 
-The sampler reproduces diffusers' `EulerDiscreteScheduler` as Emu2-Gen configures it (SPEC.md §5:
+The sampler reproduces diffusers' `EulerDiscreteScheduler` as Emu2-Gen configures it (docs/model.md#visual-decoder:
 scaled-linear betas 0.00085..0.012 over 1000 steps, timestep_spacing "leading", steps_offset 1,
 linear sigma interpolation, epsilon prediction, no churn) and the pipeline's classifier-free
 guidance: conditional and unconditional halves in one batch, conditional first,

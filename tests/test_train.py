@@ -187,7 +187,7 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
 
     # The same samples in TensorBoard: the input images (CLIP normalisation undone) and their captions.
     images = tb_events.read_images(events)
-    size = train.model_config(config).vision.image_size
+    size = llm_task.model_config(config).vision.image_size
     expected = image_lib.denormalize(llm_task.load_sample_images(config, size)[1])
     assert list(images) == [100] and list(images[100]) == [f"samples/{i}" for i in range(4)]
     for i in range(4):

@@ -22,7 +22,7 @@ from emu2_jax.convert.llama import convert_llama
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
 
-# Where each component lives in the two published layouts (SPEC.md §6).
+# Where each component lives in the two published layouts (docs/model.md#checkpoint-layouts).
 LAYOUTS = {
     "native": {"visual": "visual.", "llm": "decoder.lm.", "project_up": "project_up.weight",
                "project_down": "project_down.weight"},

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from emu2_jax.data.skips import SkipExample
 
-# OpenAI CLIP statistics, used by the EVA-02-CLIP encoder (SPEC.md §1).
+# OpenAI CLIP statistics, used by the EVA-02-CLIP encoder (docs/model.md#visual-encoder).
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 RESIZE_MODES = ("squash", "center_crop")

@@ -1,4 +1,4 @@
-"""LLaMA sentencepiece tokenizer with Emu2's added tokens (SPEC.md §4).
+"""LLaMA sentencepiece tokenizer with Emu2's added tokens (docs/model.md#special-tokens-and-prompts).
 
 Ids: the sentencepiece pieces (32000 for LLaMA, 1024 for the embedded tiny model) followed by the
 added tokens in the checkpoint's order: [PAD], [IMG], [/IMG], <image>, [gIMG], [/gIMG], [EOC],

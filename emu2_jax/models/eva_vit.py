@@ -4,7 +4,7 @@ A plain ViT with a learned absolute position embedding and a CLS token, followin
 attention scheme (q and v biases, no k bias). `post_norm=True` is Emu2's "residual post-norm"
 block, x + LN(attn(x)) then x + LN(mlp(x)); `post_norm=False` is the usual pre-norm block.
 The output is the full token sequence after the last block (CLS first, then patches row-major),
-optionally followed by a final LayerNorm: Emu2's tower has none (SPEC.md §1).
+optionally followed by a final LayerNorm: Emu2's tower has none (docs/model.md#visual-encoder).
 
 The other EVA-02 ingredients (2D RoPE on patch tokens, SwiGLU MLP, sub-LN) are optional and off
 for Emu2 and Emu v1; they follow timm's `Eva` (`use_rot_pos_emb`, `swiglu_mlp`, `scale_mlp` +
