@@ -29,7 +29,7 @@ def get_config(arg=None):
     c = common.base_config("decoder", model="emu2_37b", tiny=tiny)
     c.task = "decoder"
     # Encoder: `model` (an Emu2 preset) gives the EVA encoder and n_query; UNet and VAE presets of
-    # emu2_jax.tasks.decoder (UNET_PRESETS, VAE_PRESETS).
+    # emu2_jax.models.visual_decoder (UNET_PRESETS, VAE_PRESETS).
     c.decoder = ml_collections.ConfigDict()
     c.decoder.unet = "tiny" if tiny else "sdxl_emu2"
     c.decoder.vae = "tiny" if tiny else "sdxl"

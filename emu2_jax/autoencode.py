@@ -25,8 +25,9 @@ from flax import linen as nn
 from PIL import Image
 
 from emu2_jax import checkpointing
-from emu2_jax.tasks import decoder as decoder_task
 from emu2_jax.data import images as image_lib
+from emu2_jax.models import visual_decoder
+from emu2_jax.tasks import decoder as decoder_task
 
 
 def find_checkpoint(path: str) -> epath.Path:
@@ -45,7 +46,7 @@ def find_checkpoint(path: str) -> epath.Path:
     return manager_dir / str(max(steps))
 
 
-def load_decoder(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, decoder_task.VisualDecoderModel, Any]:
+def load_decoder(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, visual_decoder.VisualDecoderModel, Any]:
     """(run config, model, params) of a decoder-stage checkpoint step folder."""
     config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "config.json").read_text()))
     if config.get("stage") != "decoder":
@@ -84,9 +85,9 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
                  step_dir, step_dir.name, model.config.vision.image_size, model.config.n_query,
                  model.config.decoder_image_size, steps, guidance)
     started = time.perf_counter()
-    decoded = decoder_task.sample_images(model, params, jax.numpy.asarray(pixels), jax.random.key(seed),
-                                         num_steps=steps, guidance_scale=guidance, original_size=original)
-    result = decoder_task.to_uint8(jax.device_get(decoded))[0]
+    decoded = visual_decoder.sample_images(model, params, jax.numpy.asarray(pixels), jax.random.key(seed),
+                                           num_steps=steps, guidance_scale=guidance, original_size=original)
+    result = visual_decoder.to_uint8(jax.device_get(decoded))[0]
     epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result).save(out, format="PNG")
     info = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage, "out": out,

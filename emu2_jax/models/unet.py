@@ -5,14 +5,16 @@ Parameter names mirror the diffusers module tree (`down_blocks_0/resnets_1/conv1
 The stacks of transformer blocks inside each `Transformer2DModel` are `nn.scan`ned (leading
 `layers` axis): SDXL has 70 of them and scanning keeps compile time flat.
 
-Building blocks shared with the VAE (`conv`, `group_norm`, `ResnetBlock`, `DownBlock`,
-`Upsample`, `attend`) live here.
+The convolutional blocks it shares with the VAE live in `emu2_jax.models.conv_blocks`. Everything
+here is UNet-only (config, presets and diffusers reader, embeddings, the `Transformer2D` stack, the
+down / mid / up blocks), so the file stays over 400 lines rather than spread one model over two.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import chex
 import jax
@@ -21,11 +23,19 @@ from flax import linen as nn
 
 from emu2_jax import sharding as sh
 from emu2_jax.models import layers
+from emu2_jax.models.conv_blocks import (
+    IMAGE_ACT_AXES,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    attend,
+    conv,
+    group_norm,
+    maybe_remat,
+)
 
 Dtype = Any
 
-CONV_KERNEL_AXES = (sh.CONV_SPATIAL, sh.CONV_SPATIAL_W, sh.CONV_IN, sh.CONV_OUT)
-IMAGE_ACT_AXES = (sh.ACT_BATCH, None, None, sh.ACT_EMBED)     # NHWC feature maps
 TOKEN_ACT_AXES = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)  # flattened feature maps / context
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -96,54 +106,38 @@ class UNetConfig:
 
 
 def sdxl_emu2_unet_config(**overrides: Any) -> UNetConfig:
-    """Emu2-Gen's visual decoder UNet (SPEC.md §5): SDXL-base with 1792-dim cross-attention."""
+    """Emu2-Gen's visual decoder UNet (docs/model.md#visual-decoder): SDXL-base with 1792-dim cross-attention."""
     return UNetConfig(**overrides)
 
 
 def sd15_unet_config(cross_attention_dim: int = 768, **overrides: Any) -> UNetConfig:
     """Stable Diffusion 1.5 topology (Emu v1's decoder): 8 heads everywhere, no added embedding."""
-    kwargs: dict[str, Any] = dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        transformer_layers_per_block=(1, 1, 1, 1),
-        num_attention_heads=(8, 8, 8, 8),
-        cross_attention_dim=cross_attention_dim,
-        addition_embed_type=None,
-    )
+    kwargs: dict[str, Any] = {
+        "block_out_channels": (320, 640, 1280, 1280),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "transformer_layers_per_block": (1, 1, 1, 1),
+        "num_attention_heads": (8, 8, 8, 8),
+        "cross_attention_dim": cross_attention_dim,
+        "addition_embed_type": None,
+    }
     kwargs.update(overrides)
     return UNetConfig(**kwargs)
 
 
 def tiny_sdxl_unet_config(**overrides: Any) -> UNetConfig:
     """A few-thousand-parameter SDXL-shaped UNet for tests (text_embeds dim 48, 16x16 latents)."""
-    kwargs: dict[str, Any] = dict(
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        num_attention_heads=(2, 4),
-        cross_attention_dim=48,
-        norm_num_groups=8,
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=48 + NUM_TIME_IDS * 8,
-    )
-    kwargs.update(overrides)
-    return UNetConfig(**kwargs)
-
-
-def tiny_sd15_unet_config(**overrides: Any) -> UNetConfig:
-    """A tiny SD-1.5-shaped UNet for tests (cross-attention dim 40, no added embedding)."""
-    kwargs: dict[str, Any] = dict(
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        transformer_layers_per_block=(1, 1),
-        num_attention_heads=(4, 4),
-        cross_attention_dim=40,
-        norm_num_groups=8,
-        addition_embed_type=None,
-    )
+    kwargs: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "num_attention_heads": (2, 4),
+        "cross_attention_dim": 48,
+        "norm_num_groups": 8,
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 48 + NUM_TIME_IDS * 8,
+    }
     kwargs.update(overrides)
     return UNetConfig(**kwargs)
 
@@ -170,25 +164,25 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> UNet
         if cfg.get(key, supported) != supported:
             raise ValueError(f"diffusers UNet config {key}={cfg[key]!r} is not supported (only {supported!r})")
     if not isinstance(cfg.get("layers_per_block", 2), int):
-        raise ValueError(f"per-block layers_per_block={cfg['layers_per_block']} is not supported")
+        raise ValueError(f"per-block layers_per_block={cfg['layers_per_block']} is not supported")  # noqa: TRY004
     # diffusers issue #2011: with num_attention_heads null, attention_head_dim holds head counts.
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    kwargs: dict[str, Any] = dict(
-        in_channels=cfg.get("in_channels", 4),
-        out_channels=cfg.get("out_channels", 4),
-        block_out_channels=tuple(cfg["block_out_channels"]),
-        down_block_types=tuple(cfg["down_block_types"]),
-        up_block_types=tuple(cfg["up_block_types"]),
-        layers_per_block=cfg.get("layers_per_block", 2),
-        transformer_layers_per_block=per_block(cfg.get("transformer_layers_per_block", 1)),
-        num_attention_heads=per_block(heads),
-        cross_attention_dim=cfg["cross_attention_dim"],
-        norm_num_groups=cfg.get("norm_num_groups", 32),
-        norm_eps=cfg.get("norm_eps", 1e-5),
-        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-        freq_shift=float(cfg.get("freq_shift", 0)),
-        addition_embed_type=cfg.get("addition_embed_type"),
-    )
+    kwargs: dict[str, Any] = {
+        "in_channels": cfg.get("in_channels", 4),
+        "out_channels": cfg.get("out_channels", 4),
+        "block_out_channels": tuple(cfg["block_out_channels"]),
+        "down_block_types": tuple(cfg["down_block_types"]),
+        "up_block_types": tuple(cfg["up_block_types"]),
+        "layers_per_block": cfg.get("layers_per_block", 2),
+        "transformer_layers_per_block": per_block(cfg.get("transformer_layers_per_block", 1)),
+        "num_attention_heads": per_block(heads),
+        "cross_attention_dim": cfg["cross_attention_dim"],
+        "norm_num_groups": cfg.get("norm_num_groups", 32),
+        "norm_eps": cfg.get("norm_eps", 1e-5),
+        "flip_sin_to_cos": cfg.get("flip_sin_to_cos", True),
+        "freq_shift": float(cfg.get("freq_shift", 0)),
+        "addition_embed_type": cfg.get("addition_embed_type"),
+    }
     if kwargs["addition_embed_type"] is not None:
         kwargs["addition_time_embed_dim"] = cfg["addition_time_embed_dim"]
         kwargs["projection_class_embeddings_input_dim"] = cfg["projection_class_embeddings_input_dim"]
@@ -199,40 +193,20 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> UNet
 def unet_dummy_inputs(config: UNetConfig, batch: int = 1) -> dict[str, Any]:
     """Smallest well-formed inputs (keyword arguments of `UNet.__call__`), e.g. for `init`."""
     size = 2 ** (len(config.block_out_channels) - 1)
-    inputs: dict[str, Any] = dict(
-        sample=jnp.zeros((batch, size, size, config.in_channels), jnp.float32),
-        timesteps=jnp.zeros((batch,), jnp.float32),
-        encoder_hidden_states=jnp.zeros((batch, 1, config.cross_attention_dim), jnp.float32),
-        added_cond=None,
-    )
+    inputs: dict[str, Any] = {
+        "sample": jnp.zeros((batch, size, size, config.in_channels), jnp.float32),
+        "timesteps": jnp.zeros((batch,), jnp.float32),
+        "encoder_hidden_states": jnp.zeros((batch, 1, config.cross_attention_dim), jnp.float32),
+        "added_cond": None,
+    }
     if config.addition_embed_type == "text_time":
-        inputs["added_cond"] = dict(text_embeds=jnp.zeros((batch, config.text_embeds_dim), jnp.float32),
-                                    time_ids=jnp.zeros((batch, NUM_TIME_IDS), jnp.float32))
+        inputs["added_cond"] = {"text_embeds": jnp.zeros((batch, config.text_embeds_dim), jnp.float32),
+                                    "time_ids": jnp.zeros((batch, NUM_TIME_IDS), jnp.float32)}
     return inputs
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared building blocks (also used by emu2_jax.models.vae).
-
-
-def conv(features: int, kernel: int, *, strides: int = 1, padding: Any = "SAME", dtype: Dtype,
-         param_dtype: Dtype, name: str) -> nn.Conv:
-    """NHWC conv with kernel [kh, kw, in, out] and logically named axes."""
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype,
-                   param_dtype=param_dtype, kernel_init=layers.partitioned(layers.default_kernel_init, CONV_KERNEL_AXES),
-                   bias_init=layers.partitioned(nn.initializers.zeros_init(), (sh.CONV_OUT,)), name=name)
-
-
-def group_norm(groups: int, epsilon: float, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    """torch.nn.GroupNorm equivalent on NHWC: contiguous channel groups, two-pass variance."""
-    return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False,
-                        scale_init=layers.partitioned(nn.initializers.ones_init(), (sh.NORM,)),
-                        bias_init=layers.partitioned(nn.initializers.zeros_init(), (sh.NORM,)), name=name)
-
-
-def maybe_remat(module_cls: type[nn.Module], policy: str) -> type[nn.Module]:
-    return module_cls if policy == "none" else nn.remat(module_cls, policy=layers.REMAT_POLICIES[policy])
+# Embeddings and attention.
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -254,77 +228,9 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"use_bias": True, "dtype": self.dtype, "param_dtype": self.param_dtype}
         x = layers.dense(self.features, (sh.EMBED, sh.MLP), name="linear_1", **kw)(x)
         return layers.dense(self.features, (sh.MLP, sh.EMBED), name="linear_2", **kw)(nn.silu(x))
-
-
-class ResnetBlock(nn.Module):
-    """diffusers `ResnetBlock2D` (pre-norm, additive time embedding, 1x1 shortcut on width change)."""
-    out_channels: int
-    groups: int
-    epsilon: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(group_norm(self.groups, self.epsilon, name="norm1", **kw)(x))
-        h = conv(self.out_channels, 3, name="conv1", **kw)(h)
-        if temb is not None:
-            t = layers.dense(self.out_channels, (sh.MLP, sh.EMBED), use_bias=True, name="time_emb_proj",
-                             **kw)(nn.silu(temb))
-            h = h + t[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.epsilon, name="norm2", **kw)(h))
-        h = conv(self.out_channels, 3, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return nn.with_logical_constraint(x + h, IMAGE_ACT_AXES)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv. padding=0 pads only bottom/right by one (the VAE encoder's variant)."""
-    padding: int = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
-        return conv(x.shape[-1], 3, strides=2, padding=pad, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="conv")(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(x.shape[-1], 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-
-
-def attend(x: jax.Array, context: jax.Array | None = None, *, heads: int, head_dim: int, qkv_bias: bool,
-           dtype: Dtype, param_dtype: Dtype) -> jax.Array:
-    """Multi-head (cross-)attention over tokens [B, T, C] -> [B, T, C] (diffusers `Attention` core).
-
-    Call it inside a compact method: it creates `to_q`, `to_k`, `to_v`, `to_out_0` in the calling
-    module, which lets the VAE put them next to its GroupNorm as diffusers does.
-    """
-    context = x if context is None else context
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    head_act_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.ACT_HEAD_DIM)
-    q, k, v = (
-        nn.with_logical_constraint(
-            layers.dense((heads, head_dim), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), use_bias=qkv_bias, name=name,
-                         **kw)(src), head_act_axes)
-        for name, src in (("to_q", x), ("to_k", context), ("to_v", context)))
-    out = layers.dot_product_attention(q, k, v, dtype=dtype)
-    return layers.dense(x.shape[-1], (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), use_bias=True,
-                        name="to_out_0", **kw)(out)
 
 
 class Attention(nn.Module):
@@ -381,7 +287,7 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, None]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = dict(heads=self.heads, head_dim=self.head_dim, **kw)
         x = x + Attention(name="attn1", **attn)(layers.layer_norm(epsilon=1e-5, name="norm1", **kw)(x))
         x = x + Attention(name="attn2", **attn)(layers.layer_norm(epsilon=1e-5, name="norm2", **kw)(x), context)
@@ -401,7 +307,7 @@ class Transformer2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = group_norm(self.groups, 1e-6, name="norm", **kw)(x).reshape(b, height * width, c)
         # A 1x1 conv (SD-1.5) and a Linear (SDXL) projection are the same op on channels-last tokens.
         h = layers.dense(c, (sh.CONV_IN, sh.EMBED), use_bias=True, name="proj_in", **kw)(h)
@@ -416,7 +322,7 @@ class Transformer2D(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """`DownBlock2D` / `CrossAttnDownBlock2D` (heads > 0) / the VAE's `DownEncoderBlock2D`.
+    """`DownBlock2D` / `CrossAttnDownBlock2D` (heads > 0).
 
     Returns the block output and the skip activations it contributes to the up path.
     """
@@ -427,7 +333,6 @@ class DownBlock(nn.Module):
     heads: int = 0
     transformer_layers: int = 1
     add_downsample: bool = True
-    downsample_padding: int = 1
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -435,7 +340,7 @@ class DownBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None,
                  context: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         skips = []
         for i in range(self.num_layers):
@@ -445,7 +350,7 @@ class DownBlock(nn.Module):
                                   name=f"attentions_{i}", **kw)(x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample(self.downsample_padding, name="downsamplers_0", **kw)(x)
+            x = Downsample(name="downsamplers_0", **kw)(x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -468,7 +373,7 @@ class UpBlock(nn.Module):
                  context: jax.Array | None = None) -> jax.Array:
         if len(skips) != self.num_layers:
             raise ValueError(f"UpBlock with {self.num_layers} resnets got {len(skips)} skip activations")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         for i, skip in enumerate(reversed(skips)):
             x = jnp.concatenate([x, skip], axis=-1)
@@ -493,7 +398,7 @@ class MidBlockCrossAttn(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         c = x.shape[-1]
         x = resnet_cls(c, self.groups, self.epsilon, name="resnets_0", **kw)(x, temb)
@@ -513,7 +418,7 @@ class UNet(nn.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  added_cond: Mapping[str, jax.Array] | None = None) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
         batch, height, width, _ = sample.shape
         chex.assert_shape(sample, (batch, height, width, cfg.in_channels))
         chex.assert_shape(encoder_hidden_states, (batch, None, cfg.cross_attention_dim))

@@ -2,12 +2,14 @@
 
 `decode` takes unscaled latents, as diffusers does: callers divide sampler latents by
 `config.scaling_factor` first (and multiply encoder samples by it for diffusion training).
-Parameter names mirror diffusers (`encoder/down_blocks_0/resnets_0/conv1/kernel`).
+Parameter names mirror diffusers (`encoder/down_blocks_0/resnets_0/conv1/kernel`); the conv
+blocks are `emu2_jax.models.conv_blocks`, shared with the UNet.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import chex
 import jax
@@ -15,8 +17,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from emu2_jax.models import layers
-from emu2_jax.models.unet import (IMAGE_ACT_AXES, DownBlock, ResnetBlock, Upsample, attend, conv,
-                                  group_norm, maybe_remat)
+from emu2_jax.models.conv_blocks import (
+    IMAGE_ACT_AXES,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    attend,
+    conv,
+    group_norm,
+    maybe_remat,
+)
 
 Dtype = Any
 VAE_NORM_EPS = 1e-6  # diffusers hard-codes this for every VAE GroupNorm
@@ -50,7 +60,7 @@ class VAEConfig:
 
 
 def sdxl_vae_config(**overrides: Any) -> VAEConfig:
-    """SDXL VAE (Emu2-Gen's, SPEC.md §5)."""
+    """SDXL VAE (Emu2-Gen's, docs/model.md#visual-decoder)."""
     return VAEConfig(**overrides)
 
 
@@ -72,13 +82,13 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> VAECo
         raise ValueError("only DownEncoderBlock2D / UpDecoderBlock2D VAEs are supported")
     if cfg.get("act_fn", "silu") != "silu" or cfg.get("shift_factor") is not None:
         raise ValueError(f"unsupported VAE act_fn={cfg.get('act_fn')!r} / shift_factor={cfg.get('shift_factor')}")
-    kwargs: dict[str, Any] = dict(
-        in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-        block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg.get("layers_per_block", 1),
-        latent_channels=cfg.get("latent_channels", 4), norm_num_groups=cfg.get("norm_num_groups", 32),
-        scaling_factor=cfg.get("scaling_factor", 0.18215),
-        mid_block_add_attention=cfg.get("mid_block_add_attention", True),
-        use_quant_conv=cfg.get("use_quant_conv", True), use_post_quant_conv=cfg.get("use_post_quant_conv", True))
+    kwargs: dict[str, Any] = {
+        "in_channels": cfg.get("in_channels", 3), "out_channels": cfg.get("out_channels", 3),
+        "block_out_channels": tuple(cfg["block_out_channels"]), "layers_per_block": cfg.get("layers_per_block", 1),
+        "latent_channels": cfg.get("latent_channels", 4), "norm_num_groups": cfg.get("norm_num_groups", 32),
+        "scaling_factor": cfg.get("scaling_factor", 0.18215),
+        "mid_block_add_attention": cfg.get("mid_block_add_attention", True),
+        "use_quant_conv": cfg.get("use_quant_conv", True), "use_post_quant_conv": cfg.get("use_post_quant_conv", True)}
     kwargs.update(overrides)
     return VAEConfig(**kwargs)
 
@@ -92,7 +102,7 @@ class SpatialSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         y = group_norm(self.groups, VAE_NORM_EPS, name="group_norm", **kw)(x).reshape(b, h * w, c)
         y = attend(y, heads=1, head_dim=c, qkv_bias=True, **kw)
         return y.reshape(b, h, w, c) + x
@@ -108,13 +118,35 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         c = x.shape[-1]
         x = resnet_cls(c, self.groups, VAE_NORM_EPS, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = SpatialSelfAttention(self.groups, name="attentions_0", **kw)(x)
         return resnet_cls(c, self.groups, VAE_NORM_EPS, name="resnets_1", **kw)(x)
+
+
+class EncoderDownBlock(nn.Module):
+    """`DownEncoderBlock2D`: resnets without time embedding, then optional 2x downsampling (padded
+    bottom/right only)."""
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool = True
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
+        for i in range(self.num_layers):
+            x = resnet_cls(self.out_channels, self.groups, VAE_NORM_EPS, name=f"resnets_{i}", **kw)(x)
+        if self.add_downsample:
+            x = Downsample(padding=0, name="downsamplers_0", **kw)(x)
+        return x
 
 
 class DecoderUpBlock(nn.Module):
@@ -129,7 +161,7 @@ class DecoderUpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         for i in range(self.num_layers):
             x = resnet_cls(self.out_channels, self.groups, VAE_NORM_EPS, name=f"resnets_{i}", **kw)(x)
@@ -145,13 +177,12 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
         n = len(cfg.block_out_channels)
         for i, channels in enumerate(cfg.block_out_channels):
-            x, _ = DownBlock(channels, cfg.layers_per_block, cfg.norm_num_groups, VAE_NORM_EPS,
-                             add_downsample=i < n - 1, downsample_padding=0, remat_policy=cfg.remat_policy,
-                             name=f"down_blocks_{i}", **kw)(x)
+            x = EncoderDownBlock(channels, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < n - 1,
+                                 remat_policy=cfg.remat_policy, name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.remat_policy, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, VAE_NORM_EPS, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
@@ -164,7 +195,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
         x = conv(cfg.block_out_channels[-1], 3, name="conv_in", **kw)(z)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.remat_policy, name="mid_block", **kw)(x)
         n = len(cfg.block_out_channels)
@@ -183,7 +214,7 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = conv(2 * cfg.latent_channels, 1, name="quant_conv", **kw) if cfg.use_quant_conv else None

@@ -13,6 +13,18 @@ from emu2_jax.models import unet as unet_lib
 from tests.torch_refs import state_dict_np
 
 
+def tiny_sd15_unet_config() -> unet_lib.UNetConfig:
+    """A tiny SD-1.5-shaped UNet (cross-attention dim 40, no added embedding): TINY_SD15_DIFFUSERS's."""
+    return unet_lib.UNetConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        transformer_layers_per_block=(1, 1),
+        num_attention_heads=(4, 4),
+        cross_attention_dim=40,
+        norm_num_groups=8,
+        addition_embed_type=None,
+    )
 
 
 TINY_SDXL_DIFFUSERS = dict(
@@ -99,8 +111,7 @@ def test_unet_sd15_parity():
 def test_config_from_diffusers_matches_presets():
     assert unet_lib.unet_config_from_diffusers(EMU2_GEN_DIFFUSERS) == unet_lib.sdxl_emu2_unet_config()
     assert unet_lib.unet_config_from_diffusers(TINY_SDXL_DIFFUSERS) == unet_lib.tiny_sdxl_unet_config()
-    assert unet_lib.unet_config_from_diffusers(TINY_SD15_DIFFUSERS) == \
-        unet_lib.tiny_sd15_unet_config()
+    assert unet_lib.unet_config_from_diffusers(TINY_SD15_DIFFUSERS) == tiny_sd15_unet_config()
     sd15 = unet_lib.sd15_unet_config(cross_attention_dim=1024)
     assert sd15.num_attention_heads == (8, 8, 8, 8) and sd15.addition_embed_type is None
     with pytest.raises(ValueError, match="class_embed_type"):
@@ -126,7 +137,7 @@ def test_emu2_preset_shapes():
     assert 2.5e9 < n_params < 2.65e9, n_params  # SDXL-base UNet is 2.57B
 
 
-@pytest.mark.parametrize("make_config", [unet_lib.tiny_sdxl_unet_config, unet_lib.tiny_sd15_unet_config])
+@pytest.mark.parametrize("make_config", [unet_lib.tiny_sdxl_unet_config, tiny_sd15_unet_config])
 def test_every_param_has_logical_axes(make_config):
     config = make_config()
     shapes = jax.eval_shape(lambda: unet_lib.UNet(config).init(jax.random.key(0),
