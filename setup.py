@@ -1,4 +1,6 @@
 """emu2_jax: Emu2 / Emu in JAX and Flax, trainable on TPU pods and GPU meshes."""
+import pathlib
+
 from setuptools import find_packages, setup
 
 # The runtime path never imports torch; the PyTorch references are test/convert extras only.
@@ -38,7 +40,7 @@ setup(
     name="emu2_jax",
     version="0.1.0",
     description="Emu2 and Emu generative multimodal models in JAX/Flax: training, conversion, inference",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["emu2_jax", "emu2_jax.*"]),
     include_package_data=True,

@@ -58,6 +58,7 @@ def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict
 def _run_reference(weights_path: str, args, queue) -> None:
     import torch
     from safetensors.torch import load_file
+
     from emu2_jax.models import presets
     from tests.torch_refs import emu2_reference, emu2_reference_forward
 
@@ -85,6 +86,7 @@ def _run_reference(weights_path: str, args, queue) -> None:
 def _run_ours(weights_path: str, args, queue) -> None:
     import jax
     from safetensors.numpy import load_file
+
     from emu2_jax.convert.emu2 import convert_emu2
     from emu2_jax.models import emu2, presets
 
@@ -129,6 +131,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from safetensors.torch import save_file
+
     from emu2_jax.models import presets
     from tests.torch_refs import emu2_reference
 

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emu2_jax import generate, metrics, train
@@ -167,8 +166,8 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
         f"included) {r['program_flops_total']:.4g} total, {r['program_flops_total'] / chips:.4g} per chip",
     ]
     if "analytic_flops_total" in r:
-        lines.append(f"FLOPs per step: analytic {r['analytic_flops_total']:.4g} (passes x 2 x params x tokens + attention, causal at half); "
-                     f"program / analytic = {r['flops_ratio']:.3f}")
+        lines.append(f"FLOPs per step: analytic {r['analytic_flops_total']:.4g} (passes x 2 x params x tokens + "
+                     f"attention, causal at half); program / analytic = {r['flops_ratio']:.3f}")
     lines.append(f"roofline at {chip.peak_tflops:.0f} TFLOP/s and {chip.hbm_gbps:.0f} GB/s per chip (no "
                  f"collectives): step {r['roofline_step_s']:.3f} s"
                  + (f", MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))

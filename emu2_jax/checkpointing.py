@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,8 @@ cache; each new token is then one cached step at position (prompt length + i).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import chex
 import jax

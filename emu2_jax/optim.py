@@ -1,9 +1,10 @@
 """The optimizer of every training stage.
 
 AdamW with one peak learning rate per parameter group (`visual` encoder, `projector` = connector +
-project_down, `llm`; the visual-decoder stage's `unet`), warmup then cosine / linear / constant decay, and global-norm clipping. Only the
-trainable parameters are handed to the optimizer: frozen components (and, with LoRA, every LLM
-weight except the adapters) keep no optimizer state and are never differentiated.
+project_down, `llm`; the visual-decoder stage's `unet`), warmup then cosine / linear / constant decay,
+and global-norm clipping. Only the trainable parameters are handed to the optimizer: frozen
+components (and, with LoRA, every LLM weight except the adapters) keep no optimizer state and are
+never differentiated.
 
     trainable, frozen = split_params(params, is_trainable)
     tx, schedules = create_optimizer(config.optimizer, total_steps)
@@ -12,7 +13,8 @@ weight except the adapters) keep no optimizer state and are never differentiated
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ import dataclasses
 import logging as pylogging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax
 import jax

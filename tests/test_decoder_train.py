@@ -59,7 +59,7 @@ def test_denoising_loss_falls(run):
     print(f"tiny decoder denoising loss: first 5 steps {first:.4f}, last 5 steps {last:.4f}")
     assert last < 0.5 * first
     np.testing.assert_allclose([float(h["denoise_loss"]) for h in history], losses, rtol=1e-6)
-    assert set(k for k in history[0] if k.startswith("lr/")) == {"lr/unet"}
+    assert {k for k in history[0] if k.startswith("lr/")} == {"lr/unet"}
 
 
 def test_only_the_unet_trains(run):

@@ -16,8 +16,8 @@ import pytest
 from configs import chat, emu1_chat, gen, stage1, stage2
 from emu2_jax import metrics, train
 from emu2_jax.data import images as image_lib
-from emu2_jax.tasks import llm as llm_task
 from emu2_jax.data import pipeline, tokenizer
+from emu2_jax.tasks import llm as llm_task
 from tests import tb_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,11 +176,11 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     assert {"lr/visual", "lr/llm", "lr/projector", "grad_norm", "tokens_per_sec", "images_per_sec"} <= set(scalars[40])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "40", "80"]
 
-    pairs = [json.loads(line) for line in open(tokenizer.EMBEDDED_DIR / "pairs.jsonl")]
+    pairs = [json.loads(line) for line in (tokenizer.EMBEDDED_DIR / "pairs.jsonl").read_text().splitlines()]
     captions = {}
     for pair in pairs:
         captions.setdefault(pair["image"], set()).add(pair["caption"])
-    samples = json.load(open(tmp_path / "samples" / "step_100.json"))["samples"]
+    samples = json.loads((tmp_path / "samples" / "step_100.json").read_text())["samples"]
     assert len(samples) == 4
     reproduced = [s["caption"] in captions[s["image"]] for s in samples]
     assert sum(reproduced) >= 3, samples

@@ -10,7 +10,8 @@ Scanned transformer stacks (`transformer_blocks`, leading layer axis) gather
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pathlib
 import time
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from absl import app, flags
@@ -75,7 +75,7 @@ def _read(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
         from safetensors import safe_open  # `flax` framework: numpy cannot hold bfloat16 tensors
 
         with safe_open(str(file), framework="flax") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safetensors' handle is not a dict)
                 yield key, np.asarray(f.get_tensor(key))
     else:
         import torch  # convert-only dependency

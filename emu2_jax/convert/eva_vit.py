@@ -1,6 +1,7 @@
 """timm `Eva` / Emu2-native EVA tower state dict -> `EvaVisionTransformer` params.
 
-Key layout (docs/model.md#checkpoint-layouts): `{prefix}patch_embed.proj.{weight,bias}`, `{prefix}cls_token`, `{prefix}pos_embed`,
+Key layout (docs/model.md#checkpoint-layouts): `{prefix}patch_embed.proj.{weight,bias}`,
+`{prefix}cls_token`, `{prefix}pos_embed`,
 `{prefix}blocks.{i}.norm1.*`, `...attn.qkv.weight` (fused [3 * width, width], rows Q, K, V, head-major),
 `...attn.q_bias`, `...attn.v_bias`, `...attn.proj.*`, `...norm2.*`, `...mlp.fc1.*`, `...mlp.fc2.*` and,
 only with `config.final_norm`, `{prefix}norm.*`. Prefixes: "" (timm), "visual." (Emu2 native),
@@ -16,7 +17,7 @@ Any other key under `prefix` is an error.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np

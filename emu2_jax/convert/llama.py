@@ -23,7 +23,7 @@ and are not produced: take them from a fresh `init` and merge the converted tree
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

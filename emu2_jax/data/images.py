@@ -4,7 +4,7 @@ box images of Emu2-Gen's grounded prompts."""
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps

@@ -15,7 +15,7 @@ with named sizes, resolved by `shapes(layout, **sizes)`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np

@@ -18,7 +18,7 @@ import io
 import json
 import pathlib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 

@@ -9,7 +9,7 @@ positions of its row; each video frame fills `v_query` `[gIMG]` positions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import chex
 import jax

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -37,7 +38,6 @@ from flax import linen as nn
 
 from emu2_jax import sharding as sh
 from emu2_jax.models import layers
-
 
 
 @dataclasses.dataclass(frozen=True)

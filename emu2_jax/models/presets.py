@@ -6,7 +6,8 @@ Overrides address nested fields with dots, e.g. `get_config("small", **{"llm.rem
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 

@@ -6,7 +6,8 @@ the loop, optimizer, shardings and checkpoints are shared. A stage config names 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 import jax
 import ml_collections

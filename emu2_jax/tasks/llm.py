@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from emu2_jax import generate, metrics
 from emu2_jax import sharding as sh
 from emu2_jax.data import images as image_lib
-from emu2_jax.data import layout, pipeline, tokenizer as tokenizer_lib
+from emu2_jax.data import layout, pipeline
+from emu2_jax.data import tokenizer as tokenizer_lib
 from emu2_jax.models import emu2, presets
 
 PyTree = Any
@@ -73,7 +75,7 @@ class LlmTask:
     metric_names = ("text_loss", "image_loss", "text_accuracy")
 
     @classmethod
-    def create(cls, config: ml_collections.ConfigDict) -> "LlmTask":
+    def create(cls, config: ml_collections.ConfigDict) -> LlmTask:
         model_cfg = model_config(config)
         return cls(config=config, model_cfg=model_cfg, model=emu2.Emu2Model(model_cfg))
 

@@ -74,7 +74,7 @@ def test_decoder_target_keeps_sdxl_conditioning():
     assert centre["crop_coords"].tolist() == [0, 10]  # resized to 30x50, centred crop
     target = centre["target_image"]
     assert target.shape == (30, 30, 3) and target.dtype == np.float32
-    assert -1 <= target.min() and target.max() <= 1
+    assert target.min() >= -1 and target.max() <= 1
     assert centre["image"].shape == (14, 14, 3) and centre["image"].dtype == np.uint8
     resized = np.asarray(Image.fromarray(pixels).resize((50, 30), Image.Resampling.BICUBIC))
     np.testing.assert_allclose(target, resized[:, 10:40] / 127.5 - 1, atol=1e-6)

@@ -104,7 +104,7 @@ def test_encode_parity_with_transformers_slow_llama_tokenizer(which, request):
 def test_special_strings_in_data_text_are_not_parsed(tok):
     ids, spans = tok.encode_plain("a <image> [IMG] </s>")
     assert not set(ids) & {tok.token_to_id(tk.IMAGE), tok.token_to_id(tk.IMG), tok.eos_id}
-    assert spans[-1][1] == len("a <image> [IMG] </s>".encode())
+    assert spans[-1][1] == len(b"a <image> [IMG] </s>")
     assert tok.encode("a <image>", add_bos=False)[-1] == tok.token_to_id(tk.IMAGE)
 
 

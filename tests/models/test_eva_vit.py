@@ -70,7 +70,8 @@ def test_every_param_has_logical_axes(cfg):
     specs = nn.get_partition_spec(variables)["params"]
     params = nn.unbox(variables)["params"]
     known = {name for name, _ in sh.LOGICAL_RULES}
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     assert len(flat_specs) == len(flat_params)
     for path, spec in flat_specs:

@@ -9,8 +9,6 @@ import pytest
 import torch
 from flax import linen as nn
 
-
-
 from emu2_jax.convert.llama import convert_llama
 from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache
 from tests.torch_refs import hf_llama, state_dict_np

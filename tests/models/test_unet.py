@@ -143,7 +143,8 @@ def test_every_param_has_logical_axes(make_config):
     shapes = jax.eval_shape(lambda: unet_lib.UNet(config).init(jax.random.key(0),
                                                                 **unet_lib.unet_dummy_inputs(config)))
     specs = nn.get_partition_spec(shapes)["params"]
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
     flat_shapes = jax.tree.leaves(nn.unbox(shapes["params"]))
     assert len(flat_specs) == len(flat_shapes)
     for (path, spec), leaf in zip(flat_specs, flat_shapes):
