@@ -25,6 +25,7 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
+        "ruff>=0.15",  # lint, configured in pyproject.toml; .ci/run fails on findings
         "torch==2.13.0",
         "transformers>=5",  # the tokenizer parity test uses the v5 SentencePieceBackend
         "timm>=1.0.9",

@@ -127,13 +127,14 @@ class MidBlock(nn.Module):
         return resnet_cls(c, self.groups, VAE_NORM_EPS, name="resnets_1", **kw)(x)
 
 
-class EncoderDownBlock(nn.Module):
-    """`DownEncoderBlock2D`: resnets without time embedding, then optional 2x downsampling (padded
-    bottom/right only)."""
+class ResnetStack(nn.Module):
+    """diffusers' `DownEncoderBlock2D` (`resample="down"`, padded bottom/right only) and
+    `UpDecoderBlock2D` (`resample="up"`): resnets without time embedding or skips, then an optional
+    2x resampling."""
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool = True
+    resample: str | None = None  # "down", "up" or None
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -144,28 +145,9 @@ class EncoderDownBlock(nn.Module):
         resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
         for i in range(self.num_layers):
             x = resnet_cls(self.out_channels, self.groups, VAE_NORM_EPS, name=f"resnets_{i}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(padding=0, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class DecoderUpBlock(nn.Module):
-    """`UpDecoderBlock2D`: resnets without time embedding or skips, then optional 2x upsampling."""
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool = True
-    remat_policy: str = "none"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        resnet_cls = maybe_remat(ResnetBlock, self.remat_policy)
-        for i in range(self.num_layers):
-            x = resnet_cls(self.out_channels, self.groups, VAE_NORM_EPS, name=f"resnets_{i}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(name="upsamplers_0", **kw)(x)
         return x
 
@@ -181,8 +163,8 @@ class Encoder(nn.Module):
         x = conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
         n = len(cfg.block_out_channels)
         for i, channels in enumerate(cfg.block_out_channels):
-            x = EncoderDownBlock(channels, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < n - 1,
-                                 remat_policy=cfg.remat_policy, name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
+                            cfg.remat_policy, name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.remat_policy, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, VAE_NORM_EPS, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
@@ -200,8 +182,8 @@ class Decoder(nn.Module):
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.remat_policy, name="mid_block", **kw)(x)
         n = len(cfg.block_out_channels)
         for i, channels in enumerate(reversed(cfg.block_out_channels)):
-            x = DecoderUpBlock(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < n - 1,
-                               remat_policy=cfg.remat_policy, name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
+                            cfg.remat_policy, name=f"up_blocks_{i}", **kw)(x)
             x = nn.with_logical_constraint(x, IMAGE_ACT_AXES)
         x = nn.silu(group_norm(cfg.norm_num_groups, VAE_NORM_EPS, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
