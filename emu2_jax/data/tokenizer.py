@@ -1,4 +1,4 @@
-"""LLaMA sentencepiece tokenizer with Emu2's added tokens (SPEC.md §4).
+"""LLaMA sentencepiece tokenizer with Emu2's added tokens (docs/model.md).
 
 Ids: the sentencepiece pieces (32000 for LLaMA, 1024 for the embedded tiny model) followed by the
 added tokens in the checkpoint's order: [PAD], [IMG], [/IMG], <image>, [gIMG], [/gIMG], [EOC],
@@ -18,7 +18,7 @@ import io
 import json
 import pathlib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
