@@ -22,15 +22,22 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 100 if not tiny else 10
     c.optimizer.decay = "cosine"
     c.optimizer.end_lr_factor = 0.0
+    # Data: LLaVA-format json; `system` selects the paper's system message per source.
+    if tiny:
+        c.data.sources = {"chat": common.source("chat", "embedded", 1)}
+    else:
+        c.data.sources = {"llava": common.source("chat", "llava", 1, system="chat"),
+                          "academic": common.source("chat", "llava", 1, system="academic")}
+
     if tiny:
         c.model_overrides.n_query = 16  # every patch of the tiny 4x4 grid, as 16x16 of the 32x32 one
         c.seq_len = 160
     else:
-        c.optimizer.learning_rate.update(dict(visual=1e-5, projector=1e-5, llm=1e-5))
+        c.optimizer.learning_rate.update({"visual": 1e-5, "projector": 1e-5, "llm": 1e-5})
         c.optimizer.grad_clip_norm = 5.0
         c.global_batch_size = 768
         c.total_steps = 8_000
         c.seq_len = 2048
         c.max_images_per_row = 16  # up to 16 video frames
-        c.model_overrides.vision = dict(image_size=448)
+        c.model_overrides.vision = {"image_size": 448}
     return c

@@ -1,15 +1,14 @@
 """Fields every stage config shares, with their defaults (big_vision style).
 
 A stage file's `get_config(arg)` calls `base_config(...)`, then sets the paper's values for its
-stage (SPEC.md §8). `arg` is the `:variant` suffix of `--config=configs/<stage>.py:<variant>`:
-comma-separated flags such as `tiny` (a CPU-sized model and run on the embedded dataset) or a
-stage's phase (`hires`, `qft`).
+stage (docs/recipe.md), its data mixture (`data.sources`, entries made by `source`) among them.
+`arg` is the `:variant` suffix of `--config=configs/<stage>.py:<variant>`: comma-separated flags
+such as `tiny` (a CPU-sized model and run on the embedded dataset) or a stage's phase (`hires`,
+`qft`).
 """
 from __future__ import annotations
 
 import ml_collections
-
-from emu2_jax.data import pipeline
 
 
 def parse_arg(arg: str | None, *known: str) -> set[str]:
@@ -23,7 +22,8 @@ def parse_arg(arg: str | None, *known: str) -> set[str]:
 
 def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = None
                 ) -> ml_collections.ConfigDict:
-    """Defaults of every field; `data_stage` names the data mixture when it differs from `stage`."""
+    """Defaults of every field; `data_stage` is the input pipeline's stage (`data.stage`) when it
+    differs from `stage`."""
     c = ml_collections.ConfigDict()
     c.stage = stage                  # the config file's name (configs/<stage>.py)
     c.task = "llm"                   # what trains: a key of emu2_jax.tasks.TASKS
@@ -50,7 +50,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.optimizer.eps = 1e-6
     c.optimizer.weight_decay = 0.05  # Emu2's is not given in the paper; Emu (v1)'s value
     c.optimizer.grad_clip_norm = 5.0  # global-norm clipping; 0 disables
-    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(visual=1e-5, projector=1e-5, llm=1e-5))
+    c.optimizer.learning_rate = ml_collections.ConfigDict({"visual": 1e-5, "projector": 1e-5, "llm": 1e-5})
     c.optimizer.warmup_steps = -1    # >= 0 overrides warmup_ratio
     c.optimizer.warmup_ratio = 0.0   # fraction of total_steps warming up linearly from 0
     c.optimizer.decay = "cosine"     # cosine | linear | constant after the warmup
@@ -68,9 +68,8 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.sharding_rules = ()
     c.seed = 0
 
-    # Data: the stage's mixture and its fields (emu2_jax.data.pipeline.default_data_config);
-    # data.tokenizer_path '' is the embedded tiny tokenizer.
-    c.data = pipeline.default_data_config(data_stage or stage, tiny)
+    # Data: the input pipeline's fields (see data_config); the stage file sets the mixture.
+    c.data = data_config(data_stage or stage, tiny)
 
     # Checkpoints, logs and samples (in --workdir).
     c.checkpoint_every_steps = 1000
@@ -93,7 +92,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.allow_large_on_cpu = False     # refuse > 2B-parameter models on a host without accelerator
 
     if tiny:
-        c.optimizer.learning_rate = ml_collections.ConfigDict(dict(visual=1e-3, projector=2e-3, llm=2e-3))
+        c.optimizer.learning_rate = ml_collections.ConfigDict({"visual": 1e-3, "projector": 2e-3, "llm": 2e-3})
         c.optimizer.warmup_steps = 10
         c.optimizer.weight_decay = 0.0
         c.optimizer.grad_clip_norm = 1.0
@@ -108,3 +107,53 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
         c.num_samples = 4
         c.sample_max_new_tokens = 40
     return c
+
+
+def source(builder: str, fmt: str, weight: float, *, paths: str = "", image_dir: str = "",
+           system: str = "chat") -> ml_collections.ConfigDict:
+    """One entry of `data.sources`: where a data source is and its share of the mixture.
+
+    builder: the sequence builder, which fixes the record kind it reads (image_text, video_text,
+      interleaved, grounded, text, chat, gen_t2i, gen_grounded, gen_edit, decoder).
+    fmt: embedded (the dataset shipped in emu2_jax/data/embedded), webdataset, mmc4, grit, jsonl
+      or llava (emu2_jax/data/formats.py describes each).
+    weight: relative share of the mixture (0 disables the source); the paper's per-type global
+      batch sizes.
+    paths: globs / {a..b} ranges / comma list; image_dir: where mmc4, llava and jsonl edits find
+      their images; system: llava's system message, 'chat' | 'academic' | literal text.
+    """
+    return ml_collections.ConfigDict({"builder": builder, "format": fmt, "paths": paths,
+                                      "image_dir": image_dir, "weight": float(weight), "system": system})
+
+
+def data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:
+    """The data fields every stage shares (emu2_jax.data.pipeline reads them); `sources` is left
+    to the stage file."""
+    d = ml_collections.ConfigDict()
+    d.stage = stage                  # stage1 | stage2 | chat | gen | decoder (pipeline.STAGES)
+    d.tokenizer_path = ""            # LLaMA tokenizer.model for real runs; '' = the embedded 1024-piece model
+    d.cache_dir = ""                 # TFDS ArrayRecord builds; '' = $EMU2_JAX_DATA_CACHE or ~/.cache/emu2_jax/tfds
+    d.balance = "samples"            # weights are shares of 'samples' (examples) or of packed 'rows'
+    d.num_workers = 0 if tiny else 8  # grain worker processes (0 = in-process)
+    d.worker_buffer_size = 2         # batches buffered per worker
+    d.read_threads = 1 if tiny else 4  # decode threads per source and worker ...
+    d.read_buffer_size = 8 if tiny else 16  # ... and the decoded examples they hold
+    d.shuffle = True                 # seeded, reshuffled every epoch
+    d.num_epochs = 0                 # 0 = repeat forever
+    d.resize_mode = "squash"         # 'squash' (Emu2's Resize((S, S))) or 'center_crop'
+    # Image before its caption (also videos and the images of interleaved documents).
+    d.image_first_prob = 0.5
+    d.regress_images = False         # regression loss on the images of pairs / videos / interleaved / grounded
+    d.video_frames = 4 if tiny else 8  # frames per video in pretraining
+    d.chat_video_frames = (2, 3, 4) if tiny else (8, 12, 16)  # choices in chat
+    d.interleaved_max_images = 4 if tiny else 8  # images per interleaved document ...
+    d.interleaved_max_len = 1024                 # ... in this many tokens
+    d.phrase_first_prob = 0.7        # grounded phrase before its box
+    d.gen_drop_entity_prob = 0.1     # Emu2-Gen drops an entity's box + subject image to plain text
+    d.decoder_image_size = 64 if tiny else 1024  # visual-decoder targets: side, ...
+    d.decoder_min_size = 0 if tiny else 512      # ... smaller images skipped as 'too_small', ...
+    d.decoder_random_crop = True                 # ... random (else central) square crop
+    d.max_document_chars = 1_000_000  # longer texts are skipped as 'too_long'
+    # A source with this many bad records in a row (or twice its size) is an error naming it.
+    d.max_consecutive_skips = 1000
+    return d

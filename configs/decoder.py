@@ -38,11 +38,16 @@ def get_config(arg=None):
     c.trainable = ("unet",)
     c.init_components = "visual,vae,unet"
     c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the decoder's loss is the denoising MSE
+    # Data: the images of image-text webdataset shards (captions unused).
+    if tiny:
+        c.data.sources = {"images": common.source("decoder", "embedded", 1)}
+    else:
+        c.data.sources = {"laion_aesthetics": common.source("decoder", "webdataset", 1)}
 
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
     c.optimizer.weight_decay = 0.01
     c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.learning_rate = ml_collections.ConfigDict(dict(unet=1e-4))
+    c.optimizer.learning_rate = ml_collections.ConfigDict({"unet": 1e-4})
     c.optimizer.warmup_steps = 2500
     c.optimizer.decay = "linear"
     c.global_batch_size = 2048

@@ -22,17 +22,25 @@ def get_config(arg=None):
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.95, 1e-6
     c.optimizer.warmup_ratio = 0.02
     c.optimizer.decay = "cosine"
+    # Data: per-type global batch sizes as weights; real paths via --config.data.sources.<name>.paths.
+    if tiny:
+        c.data.sources = {"pairs": common.source("image_text", "embedded", 6144),
+                          "videos": common.source("video_text", "embedded", 768)}
+    else:
+        c.data.sources = {"laion_capsfusion": common.source("image_text", "webdataset", 6144),
+                          "webvid": common.source("video_text", "webdataset", 768)}
+    c.data.image_first_prob = 1.0  # always image (or video) first: captioning
     if not tiny:
-        c.optimizer.learning_rate.update(dict(visual=5e-5, projector=1e-4, llm=3e-5))
+        c.optimizer.learning_rate.update({"visual": 5e-5, "projector": 1e-4, "llm": 3e-5})
         c.optimizer.grad_clip_norm = 5.0
         c.global_batch_size = 6144 + 768  # image-text pairs + video-text pairs per step
         c.total_steps = 35_200
         c.seq_len = 1024                  # not in the paper: room for a few video frames + caption
-        c.model_overrides.vision = dict(image_size=448 if hires else 224)
+        c.model_overrides.vision = {"image_size": 448 if hires else 224}
         if hires:
             c.total_steps = 4_000
             c.init_components = "visual,connector,llm,project_down"  # --config.init_from=<224 px run>
     elif hires:
-        c.model_overrides.vision = dict(image_size=112)  # the tiny analogue of 224 -> 448
+        c.model_overrides.vision = {"image_size": 112}  # the tiny analogue of 224 -> 448
         c.total_steps = 100
     return c

@@ -1,4 +1,4 @@
-"""Grain input pipeline for every Emu2 training stage.
+"""Grain input pipeline for every Emu2 training stage: checkpointable iterators over the sources.
 
 Interface used by the training code:
 
@@ -12,18 +12,10 @@ Interface used by the training code:
     it.stats()                # {'data/skipped/<reason>': n, 'data/examples': n, ...} for logging
     it.close()                # stops worker processes
 
-Batches (stages stage1, stage2, chat, gen) follow notes/batch.md exactly: tokens, targets,
-text_loss_mask, image_loss_mask, segment_ids, positions [B, L]; images [B, N, S, S, 3] (CLIP
-normalised, zeros in padding slots); image_valid, image_is_frame [B, N].
-The 'decoder' stage (visual-decoder autoencoding) yields instead:
-    images         float32 [B, S, S, 3]  encoder input (CLIP-normalised) of the crop below
-    target_images  float32 [B, D, D, 3]  the crop at decoder resolution D, in [-1, 1]
-    original_size  int32 [B, 2]  (height, width) before resizing   } SDXL micro-conditioning,
-    crop_coords    int32 [B, 2]  (top, left) of the crop           } time_ids = concat of the
-    target_size    int32 [B, 2]  (D, D)                            } three
-`default_data_config(stage, tiny)` gives the data config of a stage (fields documented there);
-tiny configs read the embedded dataset shipped in emu2_jax/data/embedded (no download; built into
-TFDS ArrayRecord under the cache dir on first use).
+Batches follow `layout.LLM` (stages stage1, stage2, chat, gen) or `layout.DECODER` (stage
+'decoder'), defined in emu2_jax/data/layout.py and explained in docs/batch.md. The data config,
+mixture (`sources`) included, comes from the stage's config file (configs/<stage>.py, defaults in
+configs/common.py); `:tiny` configs read the embedded dataset (emu2_jax/data/embedded, no download).
 
 Pipeline per source (host shard of a TFDS ArrayRecord source): shard by process index ->
 seeded shuffle (reshuffled every epoch) -> repeat -> random_map(decode + build one Example, or a
@@ -35,280 +27,30 @@ processes (`mp_prefetch`) -> skip/example counters. Every stage keeps checkpoint
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import ml_collections
-from absl import flags
 import numpy as np
+from absl import flags
 
-from emu2_jax.data import images as im
-from emu2_jax.data import sequences as sq
+from emu2_jax.data import layout, packing, records
 from emu2_jax.data import sources as src
 from emu2_jax.data import tokenizer as tk
-from emu2_jax.data.skips import REASON_INDEX, REASONS, SkipExample, Skipped
+from emu2_jax.data.assembly import Context, Example
+from emu2_jax.data.skips import REASON_INDEX, REASONS, Skipped
 
 log = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2", "chat", "gen", "decoder")
-# builder -> record kind it reads
-BUILDERS = {
-    "image_text": "pairs", "video_text": "videos", "interleaved": "interleaved",
-    "grounded": "grounded", "text": "text", "chat": "chat", "gen_t2i": "pairs",
-    "gen_grounded": "grounded", "gen_edit": "edits", "decoder": "pairs",
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration
-# ------------------------------------------------------------------------------------------------
-
-def _source(builder: str, fmt: str, weight: float, *, paths: str = "", image_dir: str = "",
-            system: str = "chat") -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(builder=builder, format=fmt, paths=paths,
-                                          image_dir=image_dir, weight=float(weight),
-                                          system=system))
-
-
-def _stage_sources(stage: str, tiny: bool) -> dict[str, ml_collections.ConfigDict]:
-    """Per-source weights are the paper's per-type global batch sizes (SPEC.md §8)."""
-    if tiny:
-        e = "embedded"
-        table = {
-            "stage1": {"pairs": _source("image_text", e, 6144),
-                       "videos": _source("video_text", e, 768)},
-            "stage2": {"pairs": _source("image_text", e, 6400),
-                       "grounded": _source("grounded", e, 6400),
-                       "videos": _source("video_text", e, 6400),
-                       "interleaved": _source("interleaved", e, 3200),
-                       "text": _source("text", e, 800)},
-            "chat": {"chat": _source("chat", e, 1)},
-            "gen": {"t2i": _source("gen_t2i", e, 4096),
-                    "grounded": _source("gen_grounded", e, 3584),
-                    "edits": _source("gen_edit", e, 2048)},
-            "decoder": {"images": _source("decoder", e, 1)},
-        }
-    else:
-        table = {
-            "stage1": {"laion_capsfusion": _source("image_text", "webdataset", 6144),
-                       "webvid": _source("video_text", "webdataset", 768)},
-            "stage2": {"laion_capsfusion": _source("image_text", "webdataset", 6400),
-                       "grit": _source("grounded", "grit", 6400),
-                       "webvid": _source("video_text", "webdataset", 6400),
-                       "mmc4": _source("interleaved", "mmc4", 3200),
-                       "pile": _source("text", "jsonl", 800)},
-            "chat": {"llava": _source("chat", "llava", 1, system="chat"),
-                     "academic": _source("chat", "llava", 1, system="academic")},
-            "gen": {"t2i": _source("gen_t2i", "webdataset", 4096),
-                    "grit": _source("gen_grounded", "grit", 3584),
-                    "instructpix2pix": _source("gen_edit", "jsonl", 2048)},
-            "decoder": {"laion_aesthetics": _source("decoder", "webdataset", 1)},
-        }
-    return table[stage]
-
-
-def default_data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:
-    """Data config of a training stage.
-
-    Fields:
-      stage: one of STAGES.
-      tokenizer_path: sentencepiece model; "" = the embedded 1024-piece model (tiny), the LLaMA
-        `tokenizer.model` for real runs (pass `tokenizer_path or None` to `load_tokenizer`).
-      cache_dir: where TFDS ArrayRecord builds go; "" = $EMU2_JAX_DATA_CACHE or
-        ~/.cache/emu2_jax/tfds.
-      sources.<name>: builder (image_text, video_text, interleaved, grounded, text, chat,
-        gen_t2i, gen_grounded, gen_edit, decoder), format (embedded, webdataset, mmc4, grit,
-        jsonl, llava; see sources.py), paths (globs / {a..b} ranges / comma list), image_dir
-        (mmc4, llava, jsonl edits), system (llava: 'chat' | 'academic' | literal text),
-        weight (relative share; 0 disables the source).
-      balance: 'samples' (weights are shares of examples, like the paper's per-type batch sizes)
-        or 'rows' (shares of packed rows).
-      num_workers: grain worker processes (0 = in-process); worker_buffer_size: batches buffered
-        per worker; read_threads / read_buffer_size: decode threads and their read-ahead.
-      shuffle: seeded, reshuffled every epoch; num_epochs: 0 = repeat forever.
-      resize_mode: 'squash' (Emu2's Resize((S, S))) or 'center_crop'.
-      image_first_prob: image before its caption (stage 1: 1.0; stage 2: 0.5), also for videos
-        and the images of interleaved documents; regress_images: regression loss on the images
-        of pairs / videos / interleaved / grounded data (stage 2).
-      video_frames: frames per video in pretraining; chat_video_frames: choices in chat.
-      interleaved_max_images / interleaved_max_len: N = 8 images in L = 1024 tokens per document.
-      phrase_first_prob: grounded phrase before its box (0.7).
-      gen_drop_entity_prob: Emu2-Gen drops an entity's box + subject image to plain text.
-      decoder_image_size / decoder_min_size / decoder_random_crop: visual-decoder targets.
-      max_document_chars: longer texts are skipped as 'too_long'.
-      max_consecutive_skips: a source with this many bad records in a row (or twice its size)
-        is an error naming its paths.
-    """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    cfg = ml_collections.ConfigDict()
-    cfg.stage = stage
-    cfg.tokenizer_path = ""
-    cfg.cache_dir = ""
-    cfg.sources = ml_collections.ConfigDict(_stage_sources(stage, tiny))
-    cfg.balance = "samples"
-    cfg.num_workers = 0 if tiny else 8
-    cfg.worker_buffer_size = 2
-    cfg.read_threads = 1 if tiny else 4
-    cfg.read_buffer_size = 8 if tiny else 16  # decoded examples held per source and worker
-    cfg.shuffle = True
-    cfg.num_epochs = 0
-    cfg.resize_mode = "squash"
-    cfg.image_first_prob = 1.0 if stage == "stage1" else 0.5
-    cfg.regress_images = stage == "stage2"
-    cfg.video_frames = 4 if tiny else 8
-    cfg.chat_video_frames = (2, 3, 4) if tiny else (8, 12, 16)
-    cfg.interleaved_max_images = 4 if tiny else 8
-    cfg.interleaved_max_len = 1024
-    cfg.phrase_first_prob = 0.7
-    cfg.gen_drop_entity_prob = 0.1
-    cfg.decoder_image_size = 64 if tiny else 1024
-    cfg.decoder_min_size = 0 if tiny else 512
-    cfg.decoder_random_crop = True
-    cfg.max_document_chars = 1_000_000
-    cfg.max_consecutive_skips = 1000
-    return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# Record -> Example
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    image_size: int
-    resize_mode: str
-    image_first_prob: float
-    regress_images: bool
-    video_frames: int
-    chat_video_frames: tuple[int, ...]
-    interleaved_max_images: int
-    interleaved_max_len: int
-    phrase_first_prob: float
-    gen_drop_entity_prob: float
-    decoder_image_size: int
-    decoder_min_size: int
-    decoder_random_crop: bool
-    max_document_chars: int
-
-
-class _LazyImages(Sequence):
-    """Decodes a document's images only when a builder touches them (MMC4 documents often hold
-    more images than the window uses)."""
-
-    def __init__(self, encoded: Sequence[bytes], load):
-        self._encoded, self._load, self._cache = encoded, load, {}
-
-    def __len__(self) -> int:
-        return len(self._encoded)
-
-    def __getitem__(self, i):
-        if i not in self._cache:
-            self._cache[i] = self._load(self._encoded[i])
-        return self._cache[i]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Processor:
-    """random_map function: raw TFDS record -> Example (or decoder dict), or Skipped(reason)."""
-    builder: str
-    ctx: sq.Context
-    opts: _Options
-
-    def __call__(self, record: dict[str, Any], rng: np.random.Generator):
-        try:
-            return getattr(self, "_" + self.builder)(record, rng)
-        except SkipExample as e:
-            return Skipped(e.reason)
-
-    def _utf8(self, raw: bytes) -> str:
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            raise SkipExample("bad_text", "not UTF-8") from None
-        if len(text) > self.opts.max_document_chars:
-            raise SkipExample("too_long", f"{len(text)} characters")
-        return text
-
-    def _image(self, raw: bytes) -> np.ndarray:
-        return im.resize_for_encoder(im.decode_image(raw), self.opts.image_size,
-                                     self.opts.resize_mode)
-
-    def _frames(self, encoded: Sequence[bytes], num_frames: int) -> list[np.ndarray]:
-        num_frames = min(num_frames, self.ctx.max_images)
-        return [self._image(encoded[i]) for i in im.sample_frame_indices(len(encoded), num_frames)]
-
-    def _image_text(self, r, rng):
-        return sq.build_image_text(self.ctx, self._utf8(r["caption"]), self._image(r["image"]),
-                                   rng, image_first_prob=self.opts.image_first_prob,
-                                   regress_image=self.opts.regress_images)
-
-    def _video_text(self, r, rng):
-        caption = self._utf8(r["caption"])
-        if not len(r["frames"]):
-            raise SkipExample("bad_image", "video without frames")
-        return sq.build_video_text(self.ctx, caption,
-                                   self._frames(r["frames"], self.opts.video_frames), rng,
-                                   video_first_prob=self.opts.image_first_prob,
-                                   regress_frames=self.opts.regress_images)
-
-    def _interleaved(self, r, rng):
-        sentences = [self._utf8(s) for s in r["sentences"]]
-        if sum(map(len, sentences)) > self.opts.max_document_chars:
-            raise SkipExample("too_long", "document")
-        return sq.build_interleaved(
-            self.ctx, sentences, _LazyImages(r["images"], self._image),
-            list(r["image_sentence"]), rng, max_images=self.opts.interleaved_max_images,
-            max_len=self.opts.interleaved_max_len, image_first_prob=self.opts.image_first_prob,
-            regress_images=self.opts.regress_images)
-
-    def _grounded(self, r, rng):
-        return sq.build_grounded(self.ctx, self._utf8(r["caption"]), r["spans"], r["boxes"],
-                                 self._image(r["image"]), rng,
-                                 phrase_first_prob=self.opts.phrase_first_prob,
-                                 regress_image=self.opts.regress_images)
-
-    def _text(self, r, rng):
-        del rng
-        return sq.build_text(self.ctx, self._utf8(r["text"]))
-
-    def _chat(self, r, rng):
-        turns = [(self._utf8(u), self._utf8(a)) for u, a in zip(r["users"], r["assistants"])]
-        videos, start = [], 0
-        for length in r["video_lengths"]:
-            frames = r["video_frames"][start:start + length]
-            start += length
-            if not length:
-                raise SkipExample("bad_image", "video without frames")
-            videos.append(self._frames(frames, int(rng.choice(self.opts.chat_video_frames))))
-        return sq.build_chat(self.ctx, turns, system=self._utf8(r["system"]),
-                             images=[self._image(x) for x in r["images"]], videos=videos,
-                             grounding=bool(r["grounding"]))
-
-    def _gen_t2i(self, r, rng):
-        del rng
-        return sq.build_gen_t2i(self.ctx, self._utf8(r["caption"]), self._image(r["image"]))
-
-    def _gen_grounded(self, r, rng):
-        return sq.build_gen_grounded(
-            self.ctx, self._utf8(r["caption"]), r["spans"], r["boxes"],
-            im.decode_image(r["image"]), rng, drop_entity_prob=self.opts.gen_drop_entity_prob,
-            image_size=self.opts.image_size, resize_mode=self.opts.resize_mode)
-
-    def _gen_edit(self, r, rng):
-        del rng
-        return sq.build_gen_edit(self.ctx, self._utf8(r["instruction"]), self._image(r["source"]),
-                                 self._image(r["target"]))
-
-    def _decoder(self, r, rng):
-        pixels = im.decode_image(r["image"])
-        if min(pixels.shape[:2]) < self.opts.decoder_min_size:
-            raise SkipExample("too_small", f"{pixels.shape[:2]}")
-        return im.decoder_target(pixels, decoder_size=self.opts.decoder_image_size,
-                                 encoder_size=self.opts.image_size,
-                                 rng=rng if self.opts.decoder_random_crop else None)
+# Data config fields read here (records.Options reads its own); configs/common.py sets them all.
+_FIELDS = ("stage", "cache_dir", "sources", "balance", "shuffle", "num_epochs", "num_workers",
+           "worker_buffer_size", "read_threads", "read_buffer_size", "max_consecutive_skips")
+_SOURCE_FIELDS = ("builder", "format", "paths", "image_dir", "weight", "system")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,9 +117,9 @@ class _PackRowsIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, ds: _PackRows):
         super().__init__(parent)
         self._info = ds.info
-        self._packer = sq.RowPacker(*ds.geometry)
+        self._packer = packing.RowPacker(*ds.geometry)
         self._skips = _SkipTracker(ds.info)
-        self._pending: sq.Example | None = None
+        self._pending: Example | None = None
         self._pending_state: dict | None = None
         self._offset = 0
         self._resume_offset = 0
@@ -396,7 +138,7 @@ class _PackRowsIterator(grain.DatasetIterator):
                     continue
                 self._pending, self._pending_state = element, state
                 self._offset, self._resume_offset = self._resume_offset, 0
-            new = sq.place(self._packer, self._pending, self._offset)
+            new = packing.place(self._packer, self._pending, self._offset)
             progressed, self._offset = new != self._offset, new
             if new >= len(self._pending):
                 self._pending, self._offset = None, 0
@@ -508,18 +250,13 @@ class _MixRowsIterator(grain.DatasetIterator):
         self._exhausted = [bool(e) for e in state["exhausted"]]
 
 
-def _stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in ("_skips",
-                                                                            "_examples")}
+def _stack(fields: layout.Layout, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Batch of the layout's arrays (rows already hold them at their dtypes), with the rows'
+    skip / example counters summed."""
+    batch = {f.name: np.stack([r[f.name] for r in rows]).astype(f.dtype, copy=False)
+             for f in fields}
     batch["_skips"] = np.sum([r["_skips"] for r in rows], axis=0)
     batch["_examples"] = np.sum([r["_examples"] for r in rows], axis=0)
-    return batch
-
-
-def _stack_decoder(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    batch = _stack_rows(rows)
-    batch["images"] = im.normalize(batch.pop("image"))
-    batch["target_images"] = batch.pop("target_image")
     return batch
 
 
@@ -593,12 +330,20 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
                           seq_len: int, batch_size: int, image_size: int, n_query: int,
                           v_query: int, max_images_per_row: int, seed: int, shard_index: int = 0,
                           shard_count: int = 1) -> TrainIterator:
-    """Per-host iterator of training batches (see the module docstring for the batch layout).
+    """Per-host iterator of training batches: `layout.LLM` arrays, or `layout.DECODER` ones for
+    the decoder stage.
 
     `batch_size` is per host; sharding takes records shard_index::shard_count of every source.
     Deterministic given `seed` (and the config); resumable with get_state/set_state.
     """
     cfg = data_config
+    missing = [k for k in (*_FIELDS, *records.Options.config_fields()) if k not in cfg]
+    if missing:
+        raise ValueError(f"data config lacks {missing}")
+    for name, s in cfg.sources.items():
+        missing = [k for k in _SOURCE_FIELDS if k not in s]
+        if missing:
+            raise ValueError(f"data.sources.{name} lacks {missing}")
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; expected one of {STAGES}")
     if min(seq_len, batch_size, image_size, n_query, v_query, max_images_per_row) < 1:
@@ -611,32 +356,25 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         raise ValueError("no data source with a positive weight in data.sources")
     decoder_stage = cfg.stage == "decoder"
     for name, s in active:
-        if s.builder not in BUILDERS:
-            raise ValueError(f"data.sources.{name}.builder {s.builder!r} not in {tuple(BUILDERS)}")
+        if s.builder not in records.RECORD_KINDS:
+            raise ValueError(f"data.sources.{name}.builder {s.builder!r} not in "
+                             f"{tuple(records.RECORD_KINDS)}")
         if (s.builder == "decoder") != decoder_stage:
             raise ValueError(f"data.sources.{name}: builder {s.builder!r} does not belong to "
                              f"stage {cfg.stage!r}")
         if s.format != "embedded" and not s.paths:
             raise ValueError(f"data.sources.{name}.paths is empty: point it at the {s.format} "
                              f"files of this source, or set its weight to 0")
-    ctx = sq.Context(tokenizer, n_query=n_query, v_query=v_query, max_len=seq_len,
-                     max_images=max_images_per_row)
-    opts = _Options(
-        image_size=image_size, resize_mode=cfg.resize_mode,
-        image_first_prob=cfg.image_first_prob, regress_images=cfg.regress_images,
-        video_frames=cfg.video_frames, chat_video_frames=tuple(cfg.chat_video_frames),
-        interleaved_max_images=cfg.interleaved_max_images,
-        interleaved_max_len=cfg.interleaved_max_len, phrase_first_prob=cfg.phrase_first_prob,
-        gen_drop_entity_prob=cfg.gen_drop_entity_prob, decoder_image_size=cfg.decoder_image_size,
-        decoder_min_size=cfg.decoder_min_size, decoder_random_crop=cfg.decoder_random_crop,
-        max_document_chars=cfg.max_document_chars)
+    ctx = Context(tokenizer, n_query=n_query, v_query=v_query, max_len=seq_len,
+                  max_images=max_images_per_row)
+    opts = records.Options.from_config(cfg, image_size)
     if cfg.video_frames > max_images_per_row:
         log.warning("video_frames=%d > max_images_per_row=%d: videos get %d frames",
                     cfg.video_frames, max_images_per_row, max_images_per_row)
 
     rows, names, ingest = [], [], []
     for k, (name, s) in enumerate(active):
-        prepared = src.prepare_source(BUILDERS[s.builder], s.format, paths=s.paths,
+        prepared = src.prepare_source(records.RECORD_KINDS[s.builder], s.format, paths=s.paths,
                                       image_dir=s.image_dir, system=s.system,
                                       data_dir=cfg.cache_dir)
         ds = grain.MapDataset.source(prepared.data_source)[shard_index::shard_count]
@@ -648,7 +386,7 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         if cfg.shuffle:
             ds = ds.shuffle(seed=_seed(seed, name, "shuffle"))
         ds = ds.repeat(cfg.num_epochs or None)
-        ds = ds.random_map(_Processor(s.builder, ctx, opts), seed=_seed(seed, name, "build"))
+        ds = ds.random_map(records.Processor(s.builder, ctx, opts), seed=_seed(seed, name, "build"))
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
         if decoder_stage:
@@ -659,8 +397,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         names.append(name)
         ingest.append(prepared.ingest_skips)
     mixed = _MixRows(rows, [s.weight for _, s in active], cfg.balance)
+    fields = layout.DECODER if decoder_stage else layout.LLM
     batched = mixed.batch(batch_size, drop_remainder=True,
-                          batch_fn=_stack_decoder if decoder_stage else _stack_rows)
+                          batch_fn=functools.partial(_stack, fields))
     if cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()

@@ -1,15 +1,20 @@
-"""Shared fixtures of the data tests: tokenizers, a per-session TFDS cache and small corpus files
-in the formats the real datasets ship in."""
+"""Shared fixtures of the data tests: tokenizers, a per-session TFDS cache, small corpus files
+in the formats the real datasets ship in, the stages' data configs and finite row packing."""
+import importlib
 import io
 import json
 import pathlib
 import tarfile
+from collections.abc import Iterable, Iterator
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from emu2_jax.data import packing
 from emu2_jax.data import tokenizer as tk
+from emu2_jax.data.assembly import Example
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The Meta-licensed LLaMA tokenizer is never shipped: CI places shared/ next to the clone.
@@ -66,3 +71,24 @@ NOT_UTF8 = "café".encode("latin-1")
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def data_config(stage: str, tiny: bool = True) -> ml_collections.ConfigDict:
+    """The data config of configs/<stage>.py (its `:tiny` variant by default)."""
+    return importlib.import_module(f"configs.{stage}").get_config("tiny" if tiny else None).data
+
+
+def iter_rows(examples: Iterable[Example], seq_len: int, max_images: int, image_size: int,
+              pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+    """Greedy in-order packing of a finite sequence: the `packing.place` logic the input pipeline
+    streams with checkpointable state."""
+    packer = packing.RowPacker(seq_len, max_images, image_size, pad_id)
+    for ex in examples:
+        offset = 0
+        while offset < len(ex):
+            new = packing.place(packer, ex, offset)
+            if new == offset or packer.free == 0:
+                yield packer.finish()
+            offset = new
+    if packer.used:
+        yield packer.finish()

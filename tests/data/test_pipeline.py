@@ -7,20 +7,21 @@ import grain
 import numpy as np
 import pytest
 
+from configs import common
+from emu2_jax.data import layout, packing
 from emu2_jax.data import pipeline as pl
-from emu2_jax.data import sequences as sq
 from emu2_jax.data import tokenizer as tk
 
-from .conftest import GARBAGE, GOOD, NOT_UTF8, TRUNCATED, jpeg_bytes, write_jsonl, write_tar
+from .conftest import GARBAGE, GOOD, NOT_UTF8, TRUNCATED, data_config, jpeg_bytes, write_jsonl, write_tar
 
-GEOMETRY = dict(seq_len=128, batch_size=4, image_size=28, n_query=4, v_query=2,
-                max_images_per_row=8)
+GEOMETRY = {"seq_len": 128, "batch_size": 4, "image_size": 28, "n_query": 4, "v_query": 2,
+                "max_images_per_row": 8}
 
 
 @pytest.fixture
 def make(tok, cache_dir):
     def make(stage="stage2", seed=0, config=None, **overrides):
-        cfg = config or pl.default_data_config(stage, tiny=True)
+        cfg = config or data_config(stage)
         cfg.cache_dir = cache_dir
         return pl.create_train_iterator(cfg, tokenizer=tok, seed=seed, **{**GEOMETRY, **overrides})
     return make
@@ -55,7 +56,7 @@ def test_stages_yield_batch_md_batches(make, tok, stage):
                     "images": ((b, n, s, s, 3), np.float32), "image_valid": ((b, n), np.bool_),
                     "image_is_frame": ((b, n), np.bool_)}
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-        sq.check_batch(batch, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])
+        packing.check_batch(batch, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])
         assert batch["image_valid"].any() and batch["text_loss_mask"].sum() + batch[
             "image_loss_mask"].sum() > 0
         assert (batch["images"][~batch["image_valid"]] == 0).all()
@@ -86,19 +87,33 @@ def test_stage1_layout_in_batches(make, tok):
                                           np.arange(last_end, where[-1]))
 
 
+@pytest.mark.parametrize("stage", ["stage2", "decoder"])
+def test_batches_match_the_layout(make, stage):
+    batch = next(make(stage))
+    rows, size = GEOMETRY["batch_size"], GEOMETRY["image_size"]
+    if stage == "decoder":
+        decoder_size = data_config("decoder").decoder_image_size
+        layout.check(layout.DECODER, batch, rows=rows, image_size=size, decoder_size=decoder_size)
+        assert set(batch) == set(layout.keys(layout.DECODER))
+    else:
+        layout.check(layout.LLM, batch, rows=rows, seq_len=GEOMETRY["seq_len"],
+                     slots=GEOMETRY["max_images_per_row"], image_size=size)
+        assert set(batch) == set(layout.keys(layout.LLM))
+
+
 def test_decoder_stage(make):
-    it = make("decoder")
-    batch = next(it)
+    cfg = data_config("decoder")
+    cfg.decoder_image_size = d = 64
+    batch = next(make(config=cfg))
     assert batch["images"].shape == (4, 28, 28, 3) and batch["images"].dtype == np.float32
-    assert batch["target_images"].shape == (4, 64, 64, 3)
+    assert batch["target_images"].shape == (4, d, d, 3)
     assert -1 <= batch["target_images"].min() and batch["target_images"].max() <= 1
-    assert (batch["target_size"] == 64).all()
-    assert (batch["original_size"] <= 448).all() and (batch["original_size"] >= 64).all()
+    assert (batch["target_size"] == d).all()
+    assert (batch["original_size"] <= 448).all() and (batch["original_size"] >= d).all()
     top_left = batch["crop_coords"]
     assert (top_left >= 0).all() and (top_left.max(axis=1) > 0).any()
-    scaled = np.round(batch["original_size"] * 64 / batch["original_size"].min(axis=1,
-                                                                              keepdims=True))
-    assert (top_left <= scaled - 64).all()
+    scaled = np.round(batch["original_size"] * d / batch["original_size"].min(axis=1, keepdims=True))
+    assert (top_left <= scaled - d).all()
 
 
 def test_same_seed_same_batches(make):
@@ -133,7 +148,7 @@ def test_resume_through_grain_checkpoint_handler(make, tmp_path):
 
 def test_worker_processes(make):
     in_process = take(make("stage1"), 3)
-    cfg = pl.default_data_config("stage1", tiny=True)
+    cfg = data_config("stage1")
     cfg.num_workers = 1
     it = make(config=cfg)
     first = take(it, 2)
@@ -149,7 +164,7 @@ def test_worker_processes(make):
 
 
 def test_host_sharding_splits_records(make, tok):
-    cfg = pl.default_data_config("stage1", tiny=True)
+    cfg = data_config("stage1")
     cfg.sources.videos.weight = 0
     cfg.num_epochs = 1
     captions = []
@@ -162,7 +177,7 @@ def test_host_sharding_splits_records(make, tok):
 
 
 def test_epochs(make):
-    cfg = pl.default_data_config("stage1", tiny=True)
+    cfg = data_config("stage1")
     cfg.sources.videos.weight = 0
     cfg.num_epochs = 2
     it = make(config=cfg, batch_size=1)
@@ -176,7 +191,7 @@ def test_mixture_follows_the_weights(make):
     it = make("stage2", batch_size=8)
     take(it, 12)
     stats = it.stats()
-    cfg = pl.default_data_config("stage2", tiny=True)
+    cfg = data_config("stage2")
     total_weight = sum(s.weight for s in cfg.sources.values())
     for name, source in cfg.sources.items():
         share = stats[f"data/examples/{name}"] / stats["data/examples"]
@@ -185,7 +200,7 @@ def test_mixture_follows_the_weights(make):
 
 def test_video_frames_are_clamped_to_the_row(make, tok):
     batch = next(make("stage1", max_images_per_row=2))
-    sq.check_batch(batch, tok, 4, 2)
+    packing.check_batch(batch, tok, 4, 2)
     assert batch["image_valid"].shape == (4, 2)
 
 
@@ -220,12 +235,12 @@ def bad_corpus(tmp_path):
                         {"image_name": "missing.jpg", "matched_text_index": 1}]},
         {"text_list": ["otter " * 20, "otter " * 20],  # 240 characters in all
          "image_info": [{"image_name": "ok.jpg", "matched_text_index": 1}]}])
-    cfg = pl.default_data_config("stage2", tiny=True)
+    cfg = data_config("stage2")
     cfg.sources = {
-        "pairs": pl._source("image_text", "webdataset", 1, paths=pairs),
-        "grit": pl._source("grounded", "grit", 1, paths=grit),
-        "pile": pl._source("text", "jsonl", 1, paths=text),
-        "mmc4": pl._source("interleaved", "mmc4", 1, paths=mmc4, image_dir=str(images)),
+        "pairs": common.source("image_text", "webdataset", 1, paths=pairs),
+        "grit": common.source("grounded", "grit", 1, paths=grit),
+        "pile": common.source("text", "jsonl", 1, paths=text),
+        "mmc4": common.source("interleaved", "mmc4", 1, paths=mmc4, image_dir=str(images)),
     }
     cfg.max_document_chars = 200
     return cfg
@@ -250,25 +265,33 @@ def test_bad_input_is_counted_and_never_batched(make, tok, bad_corpus, caplog):
     for word in ("zebra", "giraffe", "walrus", "otter"):
         assert word not in texts
     for b in batches:
-        sq.check_batch(b, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])
+        packing.check_batch(b, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])
 
 
 def test_source_with_nothing_usable_is_an_error_naming_it(make, tmp_path):
     broken = write_tar(tmp_path / "all-broken.tar", [
         ("a.jpg", GARBAGE), ("a.txt", b"x"), ("b.jpg", TRUNCATED), ("b.txt", b"y")])
-    cfg = pl.default_data_config("stage1", tiny=True)
-    cfg.sources.broken = pl._source("image_text", "webdataset", 1, paths=broken)
+    cfg = data_config("stage1")
+    cfg.sources.broken = common.source("image_text", "webdataset", 1, paths=broken)
     it = make(config=cfg)
     with pytest.raises(ValueError, match="all-broken.tar"):
         take(it, 20)
 
 
 def test_config_errors(make):
+    cfg = data_config("stage1")
+    cfg.stage = "stage3"
     with pytest.raises(ValueError, match="unknown stage"):
-        pl.default_data_config("stage3", tiny=True)
+        make(config=cfg)
+    del cfg.sources.pairs.system
+    with pytest.raises(ValueError, match=r"sources.pairs lacks \['system'\]"):
+        make(config=cfg)
+    del cfg.sources
+    with pytest.raises(ValueError, match=r"lacks \['sources'\]"):
+        make(config=cfg)
     with pytest.raises(ValueError, match="paths is empty"):
-        make(config=pl.default_data_config("stage1", tiny=False))
-    cfg = pl.default_data_config("stage2", tiny=True)
+        make(config=data_config("stage1", tiny=False))
+    cfg = data_config("stage2")
     cfg.sources.pairs.builder = "decoder"
     with pytest.raises(ValueError, match="does not belong to stage"):
         make(config=cfg)

@@ -1,11 +1,16 @@
-"""Exact token layouts and masks of every Emu2 data type on fixed examples, truncation, packing."""
+"""Exact token layouts and masks of every Emu2 data type on fixed examples, assembly and
+truncation, row packing and the batch checks."""
 import numpy as np
 import pytest
 
+from emu2_jax.data import assembly as asm
 from emu2_jax.data import images as im
+from emu2_jax.data import packing
 from emu2_jax.data import sequences as sq
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.data.skips import SkipExample
+
+from .conftest import iter_rows
 
 NQ, VQ = 3, 2
 
@@ -16,7 +21,7 @@ def pix(value: int, size: int = 4) -> np.ndarray:
 
 @pytest.fixture
 def ctx(tok):
-    return sq.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=8)
+    return asm.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=8)
 
 
 @pytest.fixture
@@ -95,7 +100,7 @@ def test_video_text(ctx, tok, ids, rng):
     start = 2 + 3 * (VQ + 2) - 1  # the last [/IMG] predicts the first caption token
     np.testing.assert_array_equal(ex.text_loss_mask,
                                   mask_at(len(ex), range(start, start + len(cap) + 1)))
-    small = sq.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=2)
+    small = asm.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=2)
     ex = sq.build_video_text(small, "A rocket.", frames, rng, video_first_prob=0.0,
                              regress_frames=True)
     assert ex.tokens.tolist() == [1, *cap, ids.VIDEO, *ids.frame * 2, 2]
@@ -235,7 +240,7 @@ def test_chat_bad_input_and_truncation(ctx, tok):
         sq.build_chat(ctx, [("No image here.", "Ok.")], system="chat", images=[pix(1)])
     with pytest.raises(SkipExample, match="empty_text"):
         sq.build_chat(ctx, [("Hi", "  ")], system="chat")
-    short = sq.Context(tok, n_query=NQ, v_query=VQ, max_len=40, max_images=8)
+    short = asm.Context(tok, n_query=NQ, v_query=VQ, max_len=40, max_images=8)
     long_answer = "word " * 60
     ex = sq.build_chat(short, [("[<IMG_PLH>]Talk.", long_answer)], system="", images=[pix(1)])
     assert len(ex) == 40 and ex.text_loss_mask.sum() > 0
@@ -278,7 +283,7 @@ def test_gen_grounded(ctx, tok):
     dropped = sq.build_gen_grounded(ctx, CAPTION, spans, boxes, image, np.random.default_rng(0),
                                     drop_entity_prob=1.0, image_size=16)
     assert dropped.tokens.tolist() == tok.encode(tk.GROUNDING + CAPTION + img_str() + "</s>")
-    three = sq.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=3)
+    three = asm.Context(tok, n_query=NQ, v_query=VQ, max_len=128, max_images=3)
     ex = sq.build_gen_grounded(three, CAPTION, spans, boxes, image, np.random.default_rng(0),
                                drop_entity_prob=0.0, image_size=16)
     assert len(ex.images) == 3  # one entity fits next to the target image; the dog stays text
@@ -302,21 +307,18 @@ def test_builders_are_deterministic_given_the_seed(ctx):
 
 
 def test_truncate_never_cuts_an_image(ctx, tok, ids):
-    ex = sq.assemble([sq.Text("Some words here.", True), sq.Visual(pix(1)),
-                      sq.Text("More words.", True), sq.Visual(pix(2)), sq.Special(tk.EOS, True)],
-                     ctx)
+    ex = asm.assemble([asm.Text("Some words here.", True), asm.Visual(pix(1)), asm.Text("More words.", True),
+                       asm.Visual(pix(2)), asm.Special(tk.EOS, True)], ctx)
     second_img = [i for i, t in enumerate(ex.tokens) if t == ids.IMG][1]
     for limit in range(second_img + 1, second_img + NQ + 2):  # every cut inside image 2
-        cut = sq.truncate(ex, ctx, max_len=limit)
+        cut = asm.truncate(ex, ctx, max_len=limit)
         assert len(cut) == second_img and len(cut.images) == 1
-    one = sq.truncate(ex, sq.Context(tok, NQ, VQ, max_len=128, max_images=1))
+    one = asm.truncate(ex, asm.Context(tok, NQ, VQ, max_len=128, max_images=1))
     assert len(one) == second_img and len(one.images) == 1
-    video = sq.assemble([sq.Text("Hi.", True), sq.Special(tk.VIDEO), sq.Visual(pix(1), frame=True)],
-                        ctx)
-    assert sq.truncate(video, ctx, max_len=len(video) - 1).tokens.tolist() == [1, *ids.plain("Hi.")]
+    video = asm.assemble([asm.Text("Hi.", True), asm.Special(tk.VIDEO), asm.Visual(pix(1), frame=True)], ctx)
+    assert asm.truncate(video, ctx, max_len=len(video) - 1).tokens.tolist() == [1, *ids.plain("Hi.")]
     with pytest.raises(SkipExample, match="too_long"):
-        sq.truncate(sq.assemble([sq.Visual(pix(1)), sq.Text("caption", True)], ctx), ctx,
-                    max_len=NQ + 2)
+        asm.truncate(asm.assemble([asm.Visual(pix(1)), asm.Text("caption", True)], ctx), ctx, max_len=NQ + 2)
 
 
 def test_row_packing(ctx, tok, ids):
@@ -326,10 +328,10 @@ def test_row_packing(ctx, tok, ids):
                                 video_first_prob=1.0, regress_frames=False)
     doc = sq.build_text(ctx, "word " * 30)
     seq_len = len(pair) + len(video) - 1
-    rows = list(sq.iter_rows([pair, video, doc], seq_len, max_images=3, image_size=4,
+    rows = list(iter_rows([pair, video, doc], seq_len, max_images=3, image_size=4,
                              pad_id=tok.pad_id))
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    sq.check_batch(batch, tok, NQ, VQ)
+    packing.check_batch(batch, tok, NQ, VQ)
     first = rows[0]
     # the pair and the video do not fit together (by one token), so the pair is alone
     assert first["segment_ids"].tolist() == [1] * len(pair) + [0] * (seq_len - len(pair))
@@ -356,7 +358,7 @@ def test_row_packing(ctx, tok, ids):
         pair.text_loss_mask.sum() + video.text_loss_mask.sum() + doc.text_loss_mask.sum()
         - (len(rows) - 2))  # one lost target per row boundary inside the document
     # image slots limit a row as well as tokens
-    rows = list(sq.iter_rows([pair, pair, pair], 200, max_images=2, image_size=4,
+    rows = list(iter_rows([pair, pair, pair], 200, max_images=2, image_size=4,
                              pad_id=tok.pad_id))
     assert [r["image_valid"].sum() for r in rows] == [2, 1]
 
@@ -364,18 +366,23 @@ def test_row_packing(ctx, tok, ids):
 def test_check_batch_detects_broken_rows(ctx, tok):
     pair = sq.build_image_text(ctx, "A cat.", pix(10), np.random.default_rng(0),
                                image_first_prob=1.0, regress_image=True)
-    row = next(sq.iter_rows([pair], 32, max_images=2, image_size=4, pad_id=tok.pad_id))
+    row = next(iter_rows([pair], 32, max_images=2, image_size=4, pad_id=tok.pad_id))
     batch = {k: v[None] for k, v in row.items()}
-    sq.check_batch(batch, tok, NQ, VQ)
+    packing.check_batch(batch, tok, NQ, VQ)
     broken = {k: v.copy() for k, v in batch.items()}
     broken["tokens"][0, 3] = tok.pad_id  # a hole in the placeholder run
     with pytest.raises(AssertionError):
-        sq.check_batch(broken, tok, NQ, VQ)
+        packing.check_batch(broken, tok, NQ, VQ)
     broken = {k: v.copy() for k, v in batch.items()}
     broken["text_loss_mask"][0, 1] = 1  # text loss on a placeholder
     with pytest.raises(AssertionError):
-        sq.check_batch(broken, tok, NQ, VQ)
+        packing.check_batch(broken, tok, NQ, VQ)
     broken = {k: v.copy() for k, v in batch.items()}
     broken["positions"][0, :len(pair)] += 1
     with pytest.raises(AssertionError, match="positions"):
-        sq.check_batch(broken, tok, NQ, VQ)
+        packing.check_batch(broken, tok, NQ, VQ)
+    # shapes and dtypes come first (layout.LLM)
+    with pytest.raises(ValueError, match="tokens"):
+        packing.check_batch({**batch, "tokens": batch["tokens"].astype(np.int64)}, tok, NQ, VQ)
+    with pytest.raises(ValueError, match="image_is_frame"):
+        packing.check_batch({k: v for k, v in batch.items() if k != "image_is_frame"}, tok, NQ, VQ)
