@@ -1,4 +1,4 @@
-r"""Emu2-Chat: instruction tuning with the loss on answers only (SPEC.md §8).
+r"""Emu2-Chat: instruction tuning with the loss on answers only (docs/recipe.md#emu2-chat).
 
 Academic VQA / captioning / referring-expression data and chat data under two system messages;
 16x16 = 256 visual tokens per image (the `emu2_chat_37b` preset), videos of 8-16 frames; the LLM and

@@ -1,4 +1,4 @@
-r"""Emu2's visual decoder: image autoencoding (SPEC.md §5, §8).
+r"""Emu2's visual decoder: image autoencoding (docs/recipe.md#visual-decoder).
 
 The frozen Emu2 encoder reads a 448 px image, its features mean-pooled to 64 tokens [64, 1792]
 condition the SDXL-style UNet (text_embeds = their mean, time_ids from the crop), which learns to

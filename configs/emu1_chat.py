@@ -1,5 +1,6 @@
 r"""Emu (v1) instruction tuning: LoRA (rank 16, alpha 16) on every self-attention projection of the
-LLM; nothing else trains (SPEC.md §8). ShareGPT, Alpaca, LLaVA, VideoChat and Video-ChatGPT data,
+LLM; nothing else trains (docs/recipe.md#emu-v1-instruction-tuning). ShareGPT, Alpaca, LLaVA,
+VideoChat and Video-ChatGPT data,
 loss on answers only, 224 px.
 
     python -m emu2_jax.train --config=configs/emu1_chat.py --workdir=$W/emu1_chat --config.init_from=$EMU1

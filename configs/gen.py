@@ -1,4 +1,4 @@
-r"""Emu2-Gen: fine-tuning for image generation, regression on the last image only (SPEC.md §8).
+r"""Emu2-Gen: fine-tuning for image generation, regression on the last image only (docs/recipe.md#emu2-gen).
 
 Text-to-image, grounded text-to-image (subjects and boxes as images) and image editing, ending with
 the target image whose visual embeddings are regressed; the encoder is frozen. Then the quality

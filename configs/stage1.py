@@ -1,4 +1,4 @@
-r"""Emu2 stage 1: captioning pretraining of the whole model (SPEC.md §8).
+r"""Emu2 stage 1: captioning pretraining of the whole model (docs/recipe.md#stage-1).
 
 Image-text pairs (LAION-2B, CapsFusion-120M) and video-text pairs (WebVid-10M), caption loss only;
 encoder, projector and LLM all train, each with its own learning rate. 35.2k steps at 224 px, then

@@ -1,4 +1,4 @@
-r"""Emu2 stage 2: generative pretraining with the encoder frozen (SPEC.md §8).
+r"""Emu2 stage 2: generative pretraining with the encoder frozen (docs/recipe.md#stage-2).
 
 Image-text and video-text pairs, interleaved documents (MMC4, YT-Storyboard-1B), grounded pairs
 (GRIT-20M, CapsFusion-grounded-100M) and text-only rows (Pile); text cross-entropy plus regression

@@ -49,10 +49,10 @@ def segment_texts(tok, batch):
 def test_stages_yield_batch_md_batches(make, tok, stage):
     it = make(stage)
     for batch in take(it, 3):
-        b, l, n, s = 4, GEOMETRY["seq_len"], GEOMETRY["max_images_per_row"], GEOMETRY["image_size"]
-        expected = {"tokens": ((b, l), np.int32), "targets": ((b, l), np.int32),
-                    "text_loss_mask": ((b, l), np.float32), "image_loss_mask": ((b, l), np.float32),
-                    "segment_ids": ((b, l), np.int32), "positions": ((b, l), np.int32),
+        b, seq, n, s = 4, GEOMETRY["seq_len"], GEOMETRY["max_images_per_row"], GEOMETRY["image_size"]
+        expected = {"tokens": ((b, seq), np.int32), "targets": ((b, seq), np.int32),
+                    "text_loss_mask": ((b, seq), np.float32), "image_loss_mask": ((b, seq), np.float32),
+                    "segment_ids": ((b, seq), np.int32), "positions": ((b, seq), np.int32),
                     "images": ((b, n, s, s, 3), np.float32), "image_valid": ((b, n), np.bool_),
                     "image_is_frame": ((b, n), np.bool_)}
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
@@ -107,7 +107,7 @@ def test_decoder_stage(make):
     batch = next(make(config=cfg))
     assert batch["images"].shape == (4, 28, 28, 3) and batch["images"].dtype == np.float32
     assert batch["target_images"].shape == (4, d, d, 3)
-    assert -1 <= batch["target_images"].min() and batch["target_images"].max() <= 1
+    assert batch["target_images"].min() >= -1 and batch["target_images"].max() <= 1
     assert (batch["target_size"] == d).all()
     assert (batch["original_size"] <= 448).all() and (batch["original_size"] >= d).all()
     top_left = batch["crop_coords"]
