@@ -1,7 +1,7 @@
 """The batch layout, defined once: names, shapes and dtypes of every stage's batch (docs/batch.md).
 
 The input pipeline produces these arrays, the tasks' dummy batches are built from them, the train
-loop and `aot` shape and shard them, and `sequences.check_batch` validates them. Shapes are written
+loop and `aot` shape and shard them, and `packing.check_batch` validates them. Shapes are written
 with named sizes, resolved by `shapes(layout, **sizes)`:
 
     rows          batch rows                       seq_len       tokens per row
