@@ -76,6 +76,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    c.restore_fallback = False       # latest checkpoint corrupt: resume from the newest intact one (else stop)
     c.log_every_steps = 50
     c.sample_every_steps = 1000      # greedy captions of sample images; 0 disables
     c.num_samples = 8

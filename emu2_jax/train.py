@@ -247,6 +247,32 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainStat
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def restore_latest(manager: checkpointing.ocp.CheckpointManager, abstract_state: TrainState, *, fallback: bool
+                   ) -> tuple[TrainState, dict, int] | None:
+    """(state, data-iterator state, step) of the latest checkpoint; None if there is none.
+
+    A corrupt latest checkpoint is an error (CorruptCheckpointError), or with `fallback` a logged
+    line, the step is set aside (kept for inspection, out of the way of the run's next saves) and
+    the previous one is tried.
+    """
+    corrupt = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return (*checkpointing.restore_checkpoint(manager, step, abstract_state), step)
+        except checkpointing.CorruptCheckpointError as e:
+            if not fallback:
+                raise checkpointing.CorruptCheckpointError(
+                    f"{e}; to resume from the previous intact checkpoint pass --config.restore_fallback=True"
+                ) from None
+            logging.error("%s; set aside in %s, trying the previous checkpoint (config.restore_fallback=True).",
+                          e, checkpointing.set_aside(manager, step))
+            corrupt.append(step)
+    if corrupt:  # never start afresh over a run's corrupt checkpoints
+        raise checkpointing.CorruptCheckpointError(f"no intact checkpoint in {manager.directory}: steps {corrupt} "
+                                                   f"are corrupt (set aside)")
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> TrainState:
     """Runs (or resumes) the training run of `config` in `workdir` (on `devices`, default all)."""
@@ -270,9 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
     manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    latest = manager.latest_step()
-    if latest is not None:
-        state, data_state = checkpointing.restore_checkpoint(manager, latest, trainer.abstract_state)
+    restored = restore_latest(manager, trainer.abstract_state, fallback=config.restore_fallback)
+    if restored is not None:
+        state, data_state, latest = restored
         data_iter.set_state(data_state)
         logging.info("Resuming from step %d (checkpoint %s/%d).", latest, manager.directory, latest)
     else:
@@ -397,7 +423,10 @@ def main(argv) -> None:
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
     started = time.time()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except checkpointing.CorruptCheckpointError as e:  # one line says it all
+        raise SystemExit(str(e)) from None
     logging.info("Done in %s.", metrics.format_duration(time.time() - started))
 
 
