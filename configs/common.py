@@ -75,6 +75,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    c.restore_fallback = False       # latest checkpoint corrupt: resume from the newest intact one (else stop)
     c.log_every_steps = 50
     c.sample_every_steps = 1000      # greedy captions of sample images; 0 disables
     c.num_samples = 8
@@ -88,6 +89,11 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.init_components = "visual,connector,llm,project_down"
 
     c.nonfinite = "skip"             # on a NaN/Inf loss or update: 'skip' the update, or 'stop'
+    # Skipped updates in a row after which the run stops (exit 1). A bad batch or a loss spike skips
+    # one or two; as the state is unchanged while skipping, a streak means the config or the state is
+    # broken (e.g. text_loss_weight=nan, a far too high learning rate), and 10 wasted steps are cheap
+    # next to a run that trains on to the end saving checkpoints of a model that no longer learns.
+    c.max_consecutive_nonfinite = 10
     c.peak_tflops_per_device = 0.0   # for MFU; 0 looks the device kind up (none on CPU)
     c.allow_large_on_cpu = False     # refuse > 2B-parameter models on a host without accelerator
 

@@ -75,9 +75,19 @@ def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return image_lib.normalize(image_lib.resize_for_encoder(pixels, size))[None], pixels.shape[:2]
 
 
+def check_arguments(out: str, steps: int) -> None:
+    """SystemExit naming the argument, before anything is loaded or sampled (else `--steps=0` divides
+    by zero and a directory as `--out` fails only after sampling)."""
+    if steps < 1:
+        raise SystemExit(f"--steps={steps}: must be >= 1")
+    if epath.Path(out).is_dir():
+        raise SystemExit(f"--out={out}: is a directory; name the PNG file to write")
+
+
 def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidance: float = 3.0,
                seed: int = 0) -> dict[str, Any]:
     """Writes the reconstruction of `image` to `out` (PNG); returns what was done (for printing)."""
+    check_arguments(out, steps)
     step_dir = find_checkpoint(checkpoint)
     config, model, params = load_decoder(step_dir)
     pixels, original = read_image(image, model.config.vision.image_size)

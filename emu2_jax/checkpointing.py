@@ -1,9 +1,19 @@
 """Orbax checkpoints of training runs, the params-only format of converted weights, and preemption.
 
-A run's checkpoints live in `<workdir>/checkpoints/<step>/` with three items:
+A run's checkpoints live in `<workdir>/checkpoints/<step>/` with four items:
   state/   the train state (`step`, `params`, `opt_state`) as sharded arrays (restorable onto any mesh)
   data/    each process's data-iterator state, `process_<i>-of-<n>.json`
   config/  the run's config as JSON (for the record; the command line stays authoritative)
+  digest/  `digest.json`: two checksums of every state array, checked with finiteness on restore
+
+The digest catches what the storage layer does not: a damaged byte range of a data file mostly
+decompresses without complaint into NaNs or finite garbage (e.g. 3e38 in Adam's nu). It is computed
+on device (each array's bytes as uint32 words: their sum and their position-weighted sum, mod 2^32),
+so only two numbers per array reach the host: one pass over the state, cheap next to the save, where
+hashing host copies would mean gathering a 37B model's state onto one host. It is not a
+cryptographic hash: it finds damage, not tampering. A checkpoint that fails to read, fails the
+digest or holds a NaN/Inf raises CorruptCheckpointError with one line naming the step, the array
+(or file) and the problem; checkpoints written before digests existed are checked for finiteness.
 
 Converted weights (`--config.init_from=DIR`) are a params-only checkpoint written by `save_params`:
 an Orbax PyTree checkpoint of the plain params dict, `{component: subtree}` with components from
@@ -14,20 +24,28 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 PyTree = Any
 CHECKPOINTS = "checkpoints"
-_ITEMS = ("state", "data", "config")
+_ITEMS = ("state", "data", "config", "digest")
+CORRUPT = "corrupt_checkpoints"  # next to CHECKPOINTS: corrupt steps set aside by a fallback restore
+
+
+class CorruptCheckpointError(Exception):
+    """A checkpoint that cannot be read or fails verification; the message is one line."""
 
 
 def create_manager(workdir: str | epath.Path, *, save_every_steps: int, keep: int,
@@ -49,32 +67,147 @@ def create_manager(workdir: str | epath.Path, *, save_every_steps: int, keep: in
         "data": ocp.JsonCheckpointHandler(
             filename=data_file, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
         "config": ocp.JsonCheckpointHandler(filename="config.json"),
+        "digest": ocp.JsonCheckpointHandler(filename="digest.json"),
     }
     return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options, item_names=_ITEMS,
                                  item_handlers=handlers)
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bytes as uint32 words (narrower types widened, 8-byte ones split in two)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _array_digest(x: jax.Array) -> jax.Array:
+    """[sum of words, sum of words * (1 + position), all finite] as uint32 (sums wrap mod 2^32).
+
+    The weighted sum also sees words moved or swapped. Positions come from iotas over the array's own
+    shape, not from a flattened copy, so a sharded array is reduced where it lies.
+    """
+    words = _words(x)
+    position = jnp.ones(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        position += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2 ** 32)
+        stride *= words.shape[axis]
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * position, dtype=jnp.uint32),
+                      finite.astype(jnp.uint32)])
+
+
+_digests = jax.jit(lambda tree: jax.tree.map(_array_digest, tree))
+
+
+def _array_name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def state_digest(state: PyTree) -> dict[str, tuple[int, int, bool]]:
+    """{array name: (sum, weighted sum, all finite)} of a state's arrays (see the module docstring)."""
+    values = jax.device_get(_digests(state))  # a few numbers per array; waits for them
+    return {_array_name(path): (int(v[0]), int(v[1]), bool(v[2]))
+            for path, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTree, data_state: Mapping[str, Any],
                     config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
-    """Starts an (async) save of step `step`; returns whether one was started."""
+    """Starts an (async) save of step `step`, with the state's digest; returns whether one was started."""
+    if not (force or manager.should_save(step)):
+        return False
+    digest = {name: [total, weighted] for name, (total, weighted, _) in state_digest(state).items()}
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(dict(data_state)),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        digest=ocp.args.JsonSave(digest),
     )
     return manager.save(step, args=args, force=force)
 
 
+def _first_line_of_cause(error: BaseException) -> str:
+    """The innermost cause's first line: Orbax wraps TensorStore's error (which names the array and
+    the file) in ones that do not."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def verify_state(state: PyTree, saved: Mapping[str, Sequence[int]] | None) -> list[str]:
+    """What is wrong with a restored state, one line per damaged array: NaN/Inf values, a digest
+    mismatch (`saved`: None when the checkpoint predates digests), no digest for it."""
+    problems = []
+    for name, (total, weighted, finite) in state_digest(state).items():
+        wrong = [] if finite else ["holds NaN or Inf values"]
+        if saved is not None and name not in saved:
+            wrong.append("has no digest")
+        elif saved is not None and [total, weighted] != list(saved[name]):
+            wrong.append(f"does not match its digest (checksums {[total, weighted]}, saved {list(saved[name])})")
+        if wrong:
+            problems.append(f"array {name} {' and '.join(wrong)}")
+    return problems
+
+
+def _drop_failed_read_aftermath() -> None:
+    """Silences the echoes of a failed restore, whose error is reported once: Orbax's other reads
+    still finish, on TensorStore's threads, into its closed event loop, and each prints a traceback
+    ('Event loop is closed', or its own read error from an abandoned coroutine). Anything else
+    still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_failed_read_aftermath", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        echo = (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+                or getattr(unraisable.object, "__qualname__", "") == "_read_array_index_and_device_put")
+        if not echo:
+            previous(unraisable)
+
+    hook.drops_failed_read_aftermath = True
+    sys.unraisablehook = hook
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree
                        ) -> tuple[PyTree, dict[str, Any]]:
-    """(state, this process's data-iterator state) of `step`.
+    """(state, this process's data-iterator state) of `step`, verified (see the module docstring).
 
     abstract_state: `jax.ShapeDtypeStruct`s with the shardings wanted now; the saved arrays are
     resharded onto them, so the mesh may differ from the one that saved.
+    Raises CorruptCheckpointError (one line: the step, the array or file, what is wrong).
     """
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    step_dir = epath.Path(manager.directory) / str(step)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    has_digest = (step_dir / "digest").is_dir()
+    if has_digest:
+        items["digest"] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # TensorStore / Orbax: truncated or missing files, undecodable chunks, bad JSON
+        _drop_failed_read_aftermath()
+        raise CorruptCheckpointError(f"checkpoint {step_dir}: cannot read it: {_first_line_of_cause(e)}") from e
+    problems = verify_state(restored.state, restored.digest if has_digest else None)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CorruptCheckpointError(f"checkpoint {step_dir}: {problems[0]}{more}")
     return restored.state, restored.data
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves step `step` to `<workdir>/corrupt_checkpoints/` (kept for inspection; out of the way of
+    the run's own save of that step) and returns where it went."""
+    source = epath.Path(manager.directory) / str(step)
+    target = source.parent.parent / CORRUPT / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+    return target
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging as pylogging
 import os
+import re
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -53,6 +55,24 @@ class TrainState:
     step: jax.Array        # optimizer updates done (int32 scalar)
     params: PyTree         # every component, frozen ones included
     opt_state: PyTree      # optimizer state of the trainable subtree only
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks, done before any work.
+
+# Integer fields and their lowest allowed value: the loop divides by the *_every_steps and counts
+# steps and streaks with the others.
+_MIN_VALUES = (("total_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1), ("log_every_steps", 1),
+               ("checkpoint_every_steps", 1), ("sample_every_steps", 0), ("max_consecutive_nonfinite", 1))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> list[str]:
+    """One line per invalid field, naming it (as a command-line override) and its allowed values."""
+    errors = [f"--config.{name}={config[name]}: must be an integer >= {low}"
+              for name, low in _MIN_VALUES if not isinstance(config[name], int) or config[name] < low]
+    if config.nonfinite not in ("skip", "stop"):
+        errors.append(f"--config.nonfinite={config.nonfinite!r}: must be 'skip' or 'stop'")
+    return errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +267,38 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainStat
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def restore_latest(manager: checkpointing.ocp.CheckpointManager, abstract_state: TrainState, *, fallback: bool
+                   ) -> tuple[TrainState, dict, int] | None:
+    """(state, data-iterator state, step) of the latest checkpoint; None if there is none.
+
+    A corrupt latest checkpoint is an error (CorruptCheckpointError), or with `fallback` a logged
+    line, the step is set aside (kept for inspection, out of the way of the run's next saves) and
+    the previous one is tried.
+    """
+    corrupt = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return (*checkpointing.restore_checkpoint(manager, step, abstract_state), step)
+        except checkpointing.CorruptCheckpointError as e:
+            if not fallback:
+                raise checkpointing.CorruptCheckpointError(
+                    f"{e}; to resume from the previous intact checkpoint pass --config.restore_fallback=True"
+                ) from None
+            logging.error("%s; set aside in %s, trying the previous checkpoint (config.restore_fallback=True).",
+                          e, checkpointing.set_aside(manager, step))
+            corrupt.append(step)
+    if corrupt:  # never start afresh over a run's corrupt checkpoints
+        raise checkpointing.CorruptCheckpointError(f"no intact checkpoint in {manager.directory}: steps {corrupt} "
+                                                   f"are corrupt (set aside)")
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> TrainState:
     """Runs (or resumes) the training run of `config` in `workdir` (on `devices`, default all)."""
-    if config.nonfinite not in ("skip", "stop"):
-        raise ValueError(f"nonfinite={config.nonfinite!r}; expected 'skip' or 'stop'")
+    errors = validate_config(config)
+    if errors:
+        raise ValueError("\n".join(errors))
     os.makedirs(workdir, exist_ok=True)
     trainer = create_trainer(config, devices)
     task, mesh = trainer.task, trainer.mesh
@@ -270,9 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
     manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    latest = manager.latest_step()
-    if latest is not None:
-        state, data_state = checkpointing.restore_checkpoint(manager, latest, trainer.abstract_state)
+    restored = restore_latest(manager, trainer.abstract_state, fallback=config.restore_fallback)
+    if restored is not None:
+        state, data_state, latest = restored
         data_iter.set_state(data_state)
         logging.info("Resuming from step %d (checkpoint %s/%d).", latest, manager.directory, latest)
     else:
@@ -291,21 +338,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     history: list[dict] = []
     pending: tuple[int, dict] | None = None  # the last step's metrics, fetched one step late
+    skipped_in_a_row = 0
 
     def flush() -> None:
-        """Fetches the pending step's metrics: reports a non-finite step, stops if so configured."""
-        nonlocal pending
+        """Fetches the pending step's metrics: reports a non-finite step, stops if so configured or
+        after `max_consecutive_nonfinite` of them in a row. Every save is preceded by a flush, so no
+        checkpoint is written of a state whose last updates were skipped beyond the limit."""
+        nonlocal pending, skipped_in_a_row
         if pending is None:
             return
         step, host = pending[0], jax.device_get(pending[1])
         pending = None
         history.append(host)
-        if host["nonfinite"]:
-            parts = ", ".join(f"{k} {float(host[k]):.4g}" for k in ("loss", *task.metric_names, "grad_norm"))
-            if config.nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss or update at step {step} ({parts}); stopping as "
-                                         f"config.nonfinite='stop' says (the update was not applied)")
-            logging.warning("Non-finite loss or update at step %d (%s): update skipped.", step, parts)
+        skipped_in_a_row = skipped_in_a_row + 1 if host["nonfinite"] else 0
+        if not skipped_in_a_row:
+            return
+        parts = ", ".join(f"{k} {float(host[k]):.4g}" for k in ("loss", *task.metric_names, "grad_norm"))
+        if config.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite loss or update at step {step} ({parts}); stopping as "
+                                     f"config.nonfinite='stop' says (the update was not applied)")
+        if skipped_in_a_row >= config.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{skipped_in_a_row} consecutive non-finite steps ({step - skipped_in_a_row + 1} to {step}), the "
+                f"last at step {step} ({parts}); stopping as config.max_consecutive_nonfinite="
+                f"{config.max_consecutive_nonfinite} says: no update is applied, check the loss weights, learning "
+                f"rates and data")
+        logging.warning("Non-finite loss or update at step %d (%s): update skipped.", step, parts)
 
     if start_step >= config.total_steps:
         logging.info("Already at step %d of %d: nothing to train.", start_step, config.total_steps)
@@ -387,20 +445,83 @@ class _OwnInfoOnly(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or os.path.abspath(record.pathname).startswith(self.package_dir)
 
 
+def _config_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """(field, argument) of each `--config.<field>[=value]` in `argv`."""
+    found = []
+    for arg in argv:
+        match = re.match(r"--?(?:no)?config\.([\w.]+)(?:=|$)", arg)
+        if match:
+            found.append((match.group(1), arg))
+    return found
+
+
+def repeated_overrides(argv: Sequence[str]) -> list[str]:
+    """One line per `--config.<field>` given more than once (absl would silently keep the last)."""
+    by_field: dict[str, list[str]] = {}
+    for field, arg in _config_overrides(argv):
+        by_field.setdefault(field, []).append(arg.partition("=")[2])
+    return [f"--config.{field} is given {len(values)} times ({', '.join(values)}): give each field once; an "
+            f"unquoted shell pattern such as --config.{field}=s-{{000..002}}.tar expands into one argument per "
+            f"name, so quote it: '--config.{field}=s-{{000..002}}.tar'"
+            for field, values in by_field.items() if len(values) > 1]
+
+
+def unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for ml_collections' error on an unknown field, an AttributeError(KeyError("'name'"
+    [+ '\\nDid you mean "total_steps" instead of ...?'])) naming only the last component: the
+    override it comes from, and the hint."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    name, _, hint = str(error.args[0] if error.args else error).strip("'").partition("'\n")
+    field = next((f for f, _ in _config_overrides(argv) if name in f.split(".")), name)
+    config_file = next((a.partition("=")[2] for a in argv if re.match(r"--?config=", a)), "the config")
+    return f"--config.{field}: no such field in {config_file}" + (f" ({hint.strip()})" if hint else "")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (which reports its own errors in a line), with one-line errors for repeated
+    and unknown `--config.` fields (else a silent last-one-wins, and an ml_collections traceback)."""
+    repeated = repeated_overrides(argv[1:])
+    if repeated:
+        raise SystemExit("\n".join(repeated))
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
+        raise SystemExit(unknown_field_message(e, argv[1:])) from None
+
+
+def _exit_on_sigterm_during_start_up(signum: int, frame: Any) -> None:
+    """Until the training loop's own handler takes over no step has run since the last checkpoint,
+    so there is nothing to save. The exit status is 143 (128 + SIGTERM, what the default action
+    reports to a shell) rather than 0: the run did not finish, and job runners that restart failed
+    jobs must not take it for done."""
+    logging.warning("SIGTERM during start-up: nothing to save, exiting (status 143).")
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed = _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_process_environment())
+    if not distributed:  # several processes: JAX's preemption notifier owns SIGTERM
+        signal.signal(signal.SIGTERM, _exit_on_sigterm_during_start_up)
+    errors = validate_config(_CONFIG.value)
+    if errors:
+        raise SystemExit("\n".join(errors))
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_process_environment()):
+    if distributed:
         jax.distributed.initialize()
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
     started = time.time()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (FloatingPointError, checkpointing.CorruptCheckpointError) as e:  # one line says it all
+        raise SystemExit(str(e)) from None
     logging.info("Done in %s.", metrics.format_duration(time.time() - started))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from configs import decoder
 from emu2_jax import autoencode, checkpointing, train
+from tests import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,3 +64,17 @@ def test_unreadable_image_is_a_clear_error(workdir, tmp_path):
     garbage.write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="not a readable image"):
         autoencode.autoencode(str(workdir), str(garbage), str(tmp_path / "o.png"))
+
+
+@pytest.mark.parametrize("argument, expected", [
+    ("--steps=0", "--steps=0: must be >= 1"),
+    ("--out={tmp_path}", "--out={tmp_path}: is a directory; name the PNG file to write"),
+])
+def test_bad_arguments_are_refused_before_loading(tmp_path, image, argument, expected):
+    # The checkpoint does not exist either: the arguments are checked before anything is read.
+    command = [sys.executable, "-m", "emu2_jax.autoencode", f"--checkpoint={tmp_path / 'nowhere'}",
+               f"--image={image}", f"--out={tmp_path / 'o.png'}", argument.format(tmp_path=tmp_path)]
+    result = cli.run(command)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == [expected.format(tmp_path=tmp_path)], result.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Checkpoints: resharding restore, keep-K, per-process data state, params-only init_from, SIGTERM."""
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -11,8 +12,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from emu2_jax import checkpointing, optim
+from configs import stage1
+from emu2_jax import checkpointing, optim, train
 from emu2_jax import sharding as sh
+from tests import cli
 
 
 def _state(mesh):
@@ -126,3 +129,118 @@ def test_sigterm_sets_the_preemption_flag(tmp_path):
     finally:
         watcher.close()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints of a real (tiny) run.
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A tiny stage-1 run's workdir with checkpoints at steps 2 and 4, as the command writes them."""
+    path = tmp_path_factory.mktemp("run")
+    result = cli.run(cli.train_command(path, "--config.total_steps=4", "--config.checkpoint_every_steps=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_abstract_state():
+    return train.create_trainer(stage1.get_config("tiny"), devices=jax.devices()[:1]).abstract_state
+
+
+def _copy(workdir, tmp_path):
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _data_files(workdir, step):
+    """The step's array data files (tensorstore OCDBT), largest first."""
+    files = (workdir / "checkpoints" / str(step) / "state").glob("ocdbt.process_*/d/*")
+    return sorted(files, key=lambda f: f.stat().st_size, reverse=True)
+
+
+def _restore(workdir, step, abstract_state):
+    manager = _manager(workdir)
+    try:
+        return checkpointing.restore_checkpoint(manager, step, abstract_state)
+    finally:
+        manager.close()
+
+
+def test_digest_sees_changed_and_moved_words_of_sharded_arrays():
+    state = _state(sh.create_mesh((1, 8, 1)))
+    saved = {name: [total, weighted] for name, (total, weighted, _) in checkpointing.state_digest(state).items()}
+    on_host = jax.tree.map(np.array, state)  # writable copies
+    assert checkpointing.state_digest(on_host) == checkpointing.state_digest(state)  # sharding does not matter
+    assert checkpointing.verify_state(state, saved) == []
+
+    kernel = on_host["params"]["llm"]["w"]["kernel"]  # arange(64): finite changes only
+    kernel[3, 5] += 1.0
+    now = list(checkpointing.state_digest(on_host)["params/llm/w/kernel"][:2])
+    assert checkpointing.verify_state(on_host, saved) == [
+        f"array params/llm/w/kernel does not match its digest (checksums {now}, saved {saved['params/llm/w/kernel']})"]
+    kernel[3, 5] -= 1.0
+    kernel[[0, 1]] = kernel[[1, 0]]  # the same words, moved: the plain sum cannot see it
+    (problem,) = checkpointing.verify_state(on_host, saved)
+    assert problem.startswith("array params/llm/w/kernel does not match its digest")
+    kernel[[0, 1]] = kernel[[1, 0]]
+    on_host["params"]["project_down"]["kernel"][0, 0] = np.nan
+    assert checkpointing.verify_state(on_host, None) == ["array params/project_down/kernel holds NaN or Inf values"]
+
+
+def test_flipped_bytes_in_a_data_file_are_detected(trained_workdir, tiny_abstract_state, tmp_path):
+    workdir = _copy(trained_workdir, tmp_path)
+    _restore(workdir, 4, tiny_abstract_state)  # intact
+    file = _data_files(workdir, 4)[0]
+    original = file.read_bytes()
+    # Most such flips decompress without complaint into NaNs or finite garbage (e.g. 3e38 in Adam's nu).
+    for fraction in (0.2, 0.35, 0.5, 0.65, 0.8):
+        data = bytearray(original)
+        at = int(len(data) * fraction)
+        data[at:at + 4096] = bytes(b ^ 0xFF for b in data[at:at + 4096])
+        file.write_bytes(data)
+        with pytest.raises(checkpointing.CorruptCheckpointError, match=r"checkpoints/4: (array|cannot read)"
+                           ) as error:
+            _restore(workdir, 4, tiny_abstract_state)
+        assert len(str(error.value).splitlines()) == 1
+    file.write_bytes(original)
+    _restore(workdir, 4, tiny_abstract_state)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_truncated_or_missing_data_file_is_one_clear_error(trained_workdir, tiny_abstract_state, tmp_path, damage):
+    workdir = _copy(trained_workdir, tmp_path)
+    file = _data_files(workdir, 4)[0]
+    if damage == "truncate":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+        file.unlink()
+    with pytest.raises(checkpointing.CorruptCheckpointError, match=r"checkpoints/4: cannot read it: .*Error reading"
+                       ) as error:
+        _restore(workdir, 4, tiny_abstract_state)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_corrupt_latest_checkpoint_stops_the_run_or_falls_back(trained_workdir, tmp_path):
+    workdir = _copy(trained_workdir, tmp_path)
+    file = _data_files(workdir, 4)[0]
+    original = file.read_bytes()
+    file.unlink()
+    command = cli.train_command(workdir, "--config.total_steps=5", "--config.checkpoint_every_steps=2")
+
+    stopped = cli.run(command)
+    assert stopped.returncode != 0
+    assert "Traceback" not in stopped.stderr and "Event loop is closed" not in stopped.stderr, stopped.stderr[-3000:]
+    (message,) = cli.message_lines(stopped.stderr)
+    assert "checkpoints/4: cannot read it" in message and "--config.restore_fallback=True" in message, message
+
+    file.write_bytes(original[: len(original) // 2])
+    resumed = cli.run([*command, "--config.restore_fallback=True"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 2" in resumed.stderr
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("E")]
+    assert len(errors) == 1 and "checkpoints/4: cannot read it" in errors[0], resumed.stderr[-3000:]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "5"]
+    (set_aside,) = os.listdir(workdir / "corrupt_checkpoints")
+    assert set_aside.startswith("4")

@@ -18,7 +18,7 @@ from emu2_jax import metrics, train
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import pipeline, tokenizer
 from emu2_jax.tasks import llm as llm_task
-from tests import tb_events
+from tests import cli, tb_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = {"projector": 1e-3, "llm": 3e-4}
@@ -363,3 +363,50 @@ def test_real_configs_lower_on_an_fsdp_mesh(module):
     embed = trainer.abstract_state.params["llm"]["embed_tokens"]["embedding"]
     assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert "bf16" in lowered.as_text()
+
+
+def test_a_streak_of_skipped_steps_stops_the_run(tmp_path):
+    # Every update is non-finite: the run must fail at the streak's limit, not train on to "Done".
+    result = cli.run(cli.train_command(tmp_path, "--config.text_loss_weight=nan", "--config.total_steps=40",
+                                       "--config.checkpoint_every_steps=2", "--config.max_consecutive_nonfinite=3"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (message,) = cli.message_lines(result.stderr)
+    assert "3 consecutive non-finite steps (1 to 3)" in message and "step 3" in message, message
+    assert "(loss nan, text_loss " in message and "max_consecutive_nonfinite=3" in message, message
+    assert "Done" not in result.stderr
+    # Step 2 was saved inside the allowed streak (its state is the initial one); nothing after the limit.
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.total_steps=0"], "--config.total_steps=0: must be an integer >= 1"),
+    (["--config.log_every_steps=0"], "--config.log_every_steps=0: must be an integer >= 1"),
+    (["--config.checkpoint_every_steps=0"], "--config.checkpoint_every_steps=0: must be an integer >= 1"),
+    (["--config.max_consecutive_nonfinite=0"], "--config.max_consecutive_nonfinite=0: must be an integer >= 1"),
+    (["--config.nonfinite=ignore"], "--config.nonfinite='ignore': must be 'skip' or 'stop'"),
+    (["--config.total_stepz=5"], "--config.total_stepz: no such field in configs/stage1.py:tiny"),
+    (["--config.data.nosuch=5"], "--config.data.nosuch: no such field in configs/stage1.py:tiny"),
+    # What bash makes of an unquoted --config.data.paths=s-{000..002}.tar:
+    ([f"--config.data.paths=s-00{i}.tar" for i in range(3)], "--config.data.paths is given 3 times"),
+])
+def test_invalid_config_is_one_line_before_any_work(tmp_path, overrides, expected):
+    result = cli.run(cli.train_command(tmp_path / "run", *overrides))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # before any work
+    if "given 3 times" in expected:
+        assert "quote" in lines[0]
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(cli.train_command(tmp_path), cwd=REPO, env=cli.ENV, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # main has started (the handler is in place); the model is not built yet
+        seen.append(line)
+        if "JAX process" in line:
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    log = "".join(seen)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "SIGTERM during start-up: nothing to save, exiting" in log and "Traceback" not in log, log[-3000:]

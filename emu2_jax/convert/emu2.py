@@ -7,12 +7,17 @@ an `init_from` checkpoint for training.
 `--checkpoint` is a `.safetensors` file, a `.bin`/`.pt` file (read with
 `torch.load(weights_only=True)`: nothing arbitrary is unpickled; needs the `convert` extra), or a
 directory holding either kind (all shards are read).
+
+Strict by default, as a silently wrong conversion costs a training run: keys no component reads
+are an error (`--allow_unused_keys` converts anyway), so is a NaN/Inf in any source tensor
+(`--allow_nonfinite`), and an existing `--out` is refused before anything is read.
 """
 from __future__ import annotations
 
 import pathlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from absl import app, flags
@@ -40,12 +45,30 @@ def _linear_kernel(state_dict: Mapping[str, np.ndarray], key: str, shape: tuple[
     return weight.T.astype(dtype)
 
 
-def convert_emu2(state_dict: Mapping[str, np.ndarray], config: Emu2Config, layout: str = "native") -> dict:
-    """Returns the `Emu2Model` params tree {visual, connector, llm, project_down} (numpy arrays)."""
+def unused_keys(keys: Iterable[str], layout: str) -> list[str]:
+    """The keys outside every component's prefix in `layout`: no converter reads them. (Keys inside
+    a prefix are the component converters' business: they refuse unexpected ones themselves.)"""
+    names = LAYOUTS[layout]
+    read = (names["visual"], names["llm"] + "model.", names["llm"] + "lm_head.")
+    return sorted(k for k in keys if not k.startswith(read) and k not in (names["project_up"], names["project_down"]))
+
+
+def convert_emu2(state_dict: Mapping[str, np.ndarray], config: Emu2Config, layout: str = "native", *,
+                 allow_unused_keys: bool = False) -> dict:
+    """Returns the `Emu2Model` params tree {visual, connector, llm, project_down} (numpy arrays).
+
+    Keys no component reads (another model's weights, a layout mix-up) are an error unless
+    `allow_unused_keys`.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {sorted(LAYOUTS)}")
     if config.connector != "mean_pool":
         raise ValueError("convert_emu2 reads Emu2 checkpoints (mean-pool connector), not Emu v1's")
+    unused = unused_keys(state_dict, layout)
+    if unused and not allow_unused_keys:
+        raise ValueError(f"checkpoint has {len(unused)} key(s) that no component reads: {unused[:10]}"
+                         f"{' ...' if len(unused) > 10 else ''} (layout {layout!r}); pass --allow_unused_keys "
+                         f"(allow_unused_keys=True) to convert anyway")
     keys = LAYOUTS[layout]
     dtype = config.llm.param_dtype
     vision_width, llm_width = config.vision.width, config.llm.hidden_size
@@ -70,7 +93,7 @@ def _checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _read(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+def _read(file: pathlib.Path) -> Iterator[tuple[str, Any]]:
     if file.suffix == ".safetensors":
         from safetensors import safe_open  # `flax` framework: numpy cannot hold bfloat16 tensors
 
@@ -81,16 +104,41 @@ def _read(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
         import torch  # convert-only dependency
 
         state = torch.load(file, map_location="cpu", weights_only=True)
-        for key, tensor in state.items():
-            yield key, tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
+            yield key, value  # weights_only still unpickles plain values (a step count): the caller refuses them
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+def _count_nonfinite(tensor: np.ndarray) -> int:
+    if tensor.dtype.kind in "biu":  # bool / int / uint: always finite
+        return 0
+    return int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+
+
+def load_state_dict(path: str, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint file(s) at `path`; errors name the file (and the tensor).
+
+    A NaN/Inf in a source tensor is an error unless `allow_nonfinite`: training from it would only
+    show NaN losses, far from the cause.
+    """
     files = _checkpoint_files(pathlib.Path(path))
     state: dict[str, np.ndarray] = {}
     for i, file in enumerate(files, 1):
         start = time.perf_counter()
-        state.update(_read(file))
+        try:
+            tensors = dict(_read(file))
+        except Exception as e:  # safetensors' and torch's errors do not say which file
+            raise ValueError(f"{file}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                             ) from e
+        for key, tensor in tensors.items():
+            if not isinstance(tensor, np.ndarray):
+                raise ValueError(f"{file}: {key!r} is a {type(tensor).__name__}, not a tensor")
+            bad = 0 if allow_nonfinite else _count_nonfinite(tensor)
+            if bad:
+                raise ValueError(f"{file}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.size}; pass "
+                                 f"--allow_nonfinite (allow_nonfinite=True) to convert anyway")
+        state.update(tensors)
         print(f"read {file.name} ({i}/{len(files)}) in {time.perf_counter() - start:.1f}s, "
               f"{len(state)} tensors so far", flush=True)
     return state
@@ -101,8 +149,15 @@ def main(argv):
     from emu2_jax import checkpointing
 
     args = flags.FLAGS
+    # Before reading: a 37B checkpoint takes long to read, and Orbax would refuse the output only then.
+    if pathlib.Path(args.out).exists():
+        raise SystemExit(f"--out={args.out}: already exists; choose a new directory")
     config = presets.get_config(args.model, param_dtype=args.param_dtype)
-    params = convert_emu2(load_state_dict(args.checkpoint), config, layout=args.layout)
+    try:
+        state_dict = load_state_dict(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
+        params = convert_emu2(state_dict, config, layout=args.layout, allow_unused_keys=args.allow_unused_keys)
+    except (ValueError, FileNotFoundError) as e:  # messages name the file / key and what is wrong
+        raise SystemExit(str(e)) from None
     checkpointing.save_params(args.out, params)
     print(f"wrote {args.out}: use --config.init_from={args.out}")
 
@@ -114,6 +169,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("layout", "native", sorted(LAYOUTS), "key layout of the checkpoint")
     flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "dtype of the saved params")
     flags.DEFINE_string("out", None, "output directory (an init_from checkpoint)", required=True)
+    flags.DEFINE_bool("allow_unused_keys", False, "convert even if the checkpoint has keys no component reads")
+    flags.DEFINE_bool("allow_nonfinite", False, "convert even if a source tensor holds NaN/Inf values")
 
 
 if __name__ == "__main__":

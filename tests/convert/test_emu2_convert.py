@@ -1,6 +1,7 @@
 """Whole-checkpoint conversion and parity of the full Emu2 model against the reference assembly
 (timm EVA + avg_pool2d + linear projections + transformers LLaMA, as the official code computes it)."""
 import dataclasses
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from flax import linen as nn
 
 from emu2_jax.convert.emu2 import convert_emu2, load_state_dict
 from emu2_jax.models import emu2, presets
+from tests import cli
 from tests.torch_refs import emu2_reference, emu2_reference_forward, state_dict_np
 
 CFG = presets.get_config("tiny")
@@ -80,3 +82,55 @@ def test_errors_name_the_problem(tmp_path):
         convert_emu2(bad, CFG)
     with pytest.raises(FileNotFoundError, match="holds no .safetensors"):
         load_state_dict(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def native():
+    return state_dict_np(emu2_reference(CFG))
+
+
+def test_unused_keys_are_an_error_unless_allowed(native):
+    extra = dict(native, **{"totally_unexpected.weight": np.zeros(3, np.float32),
+                            "project_up.bias": np.zeros(CFG.llm.hidden_size, np.float32)})
+    with pytest.raises(ValueError, match=r"2 key\(s\) that no component reads: \['project_up.bias', "
+                                         r"'totally_unexpected.weight'\].*--allow_unused_keys"):
+        convert_emu2(extra, CFG)
+    jax.tree.map(np.testing.assert_array_equal, convert_emu2(extra, CFG, allow_unused_keys=True),
+                 convert_emu2(native, CFG))
+
+
+def test_unreadable_source_files_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    file = tmp_path / "model.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(file))
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read it \(.+\)"):
+        load_state_dict(str(file))
+
+    torch.save({"w": torch.zeros(2), "step": 3}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: 'step' is a int, not a tensor"):
+        load_state_dict(str(tmp_path / "pytorch_model.bin"))
+
+
+def test_nonfinite_source_tensors_are_refused_unless_allowed(tmp_path):
+    from safetensors.numpy import save_file
+
+    weight = np.ones((4, 4), np.float32)
+    weight[1, 2] = np.inf
+    save_file({"ok": np.ones(2, np.float32), "decoder.lm.model.norm.weight": weight}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"m.safetensors: tensor 'decoder.lm.model.norm.weight' holds 1 NaN/Inf "
+                                         r"value\(s\).*--allow_nonfinite"):
+        load_state_dict(str(tmp_path))
+    assert not np.isfinite(load_state_dict(str(tmp_path), allow_nonfinite=True)["decoder.lm.model.norm.weight"]).all()
+
+
+def test_existing_output_is_refused_before_reading(tmp_path):
+    out = tmp_path / "converted"
+    out.mkdir()
+    # The checkpoint does not exist: the output is checked first, before hours of reading.
+    result = cli.run([sys.executable, "-m", "emu2_jax.convert.emu2", f"--checkpoint={tmp_path / 'nowhere'}",
+                      "--model=tiny", f"--out={out}"])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"--out={out}: already exists; choose a new directory"], \
+        result.stderr[-3000:]

@@ -1,0 +1,25 @@
+"""Running the project's commands as users do: a subprocess on one CPU device, from the repository root."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device (no simulated mesh): the commands start quicker; no probing for TPUs, whose plugin
+# prints its complaints to stderr.
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+
+
+def train_command(workdir, *overrides: str) -> list[str]:
+    """`python -m emu2_jax.train` on the tiny stage-1 config, no samples, with `overrides` appended."""
+    return [sys.executable, "-m", "emu2_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={workdir}",
+            "--config.sample_every_steps=0", *overrides]
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without absl's log lines (`I1204 21:03:35.23 ...`): what the command said on exiting."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not (line[:1] in "IWEF" and line[1:5].isdigit())]
