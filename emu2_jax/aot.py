@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from emu2_jax import generate, metrics, train
+from emu2_jax import cli, generate, metrics, train
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
 from emu2_jax.tasks import llm as llm_task
@@ -290,4 +290,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

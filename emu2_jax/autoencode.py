@@ -24,7 +24,7 @@ from etils import epath
 from flax import linen as nn
 from PIL import Image
 
-from emu2_jax import checkpointing
+from emu2_jax import checkpointing, cli
 from emu2_jax.data import images as image_lib
 from emu2_jax.models import visual_decoder
 from emu2_jax.tasks import decoder as decoder_task
@@ -109,8 +109,7 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from emu2_jax import train  # its console filter keeps Orbax's INFO chatter out
-    logging.get_absl_handler().addFilter(train._OwnInfoOnly())
+    logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
     f = flags.FLAGS
     autoencode(f.checkpoint, f.image, f.out, steps=f.steps, guidance=f.guidance, seed=f.seed)
 

@@ -327,3 +327,28 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree, *, fallback: bool
+                   ) -> tuple[PyTree, dict, int] | None:
+    """(state, data-iterator state, step) of the latest checkpoint; None if there is none.
+
+    A corrupt latest checkpoint is an error (CorruptCheckpointError), or with `fallback` a logged
+    line, the step is set aside (kept for inspection, out of the way of the run's next saves) and
+    the previous one is tried.
+    """
+    corrupt = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return (*restore_checkpoint(manager, step, abstract_state), step)
+        except CorruptCheckpointError as e:
+            if not fallback:
+                raise CorruptCheckpointError(
+                    f"{e}; to resume from the previous intact checkpoint pass --config.restore_fallback=True"
+                ) from None
+            logging.error("%s; set aside in %s, trying the previous checkpoint (config.restore_fallback=True).",
+                          e, set_aside(manager, step))
+            corrupt.append(step)
+    if corrupt:  # never start afresh over a run's corrupt checkpoints
+        raise CorruptCheckpointError(f"no intact checkpoint in {manager.directory}: steps {corrupt} "
+                                                   f"are corrupt (set aside)")
+    return None

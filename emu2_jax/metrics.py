@@ -112,6 +112,15 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float
     return flops_per_step / step_seconds / (peak_flops_per_device * devices) if step_seconds else 0.0
 
 
+def mean_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Averages over the logged steps, leaving out skipped (non-finite) ones, and counts those;
+    tokens/images are left to the throughput meter."""
+    finite = [h for h in history if not h["nonfinite"]] or history
+    out = {k: float(np.mean([h[k] for h in finite])) for k in history[0] if k not in ("tokens", "images")}
+    out["nonfinite"] = float(sum(h["nonfinite"] for h in history))
+    return out
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)

@@ -19,9 +19,7 @@ loop, optimizer, shardings and checkpoints here are shared.
 from __future__ import annotations
 
 import dataclasses
-import logging as pylogging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +36,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from emu2_jax import checkpointing, metrics, optim, tasks
+from emu2_jax import checkpointing, cli, metrics, optim, tasks
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
 
@@ -163,15 +161,6 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config: 
 # The run.
 
 
-def _mean_metrics(history: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Averages over the logged steps, leaving out skipped (non-finite) ones, and counts those;
-    tokens/images are left to the throughput meter."""
-    finite = [h for h in history if not h["nonfinite"]] or history
-    out = {k: float(np.mean([h[k] for h in finite])) for k in history[0] if k not in ("tokens", "images")}
-    out["nonfinite"] = float(sum(h["nonfinite"] for h in history))
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """What a run builds from its config before the first step (nothing allocated yet)."""
@@ -267,32 +256,6 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainStat
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
-def restore_latest(manager: checkpointing.ocp.CheckpointManager, abstract_state: TrainState, *, fallback: bool
-                   ) -> tuple[TrainState, dict, int] | None:
-    """(state, data-iterator state, step) of the latest checkpoint; None if there is none.
-
-    A corrupt latest checkpoint is an error (CorruptCheckpointError), or with `fallback` a logged
-    line, the step is set aside (kept for inspection, out of the way of the run's next saves) and
-    the previous one is tried.
-    """
-    corrupt = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return (*checkpointing.restore_checkpoint(manager, step, abstract_state), step)
-        except checkpointing.CorruptCheckpointError as e:
-            if not fallback:
-                raise checkpointing.CorruptCheckpointError(
-                    f"{e}; to resume from the previous intact checkpoint pass --config.restore_fallback=True"
-                ) from None
-            logging.error("%s; set aside in %s, trying the previous checkpoint (config.restore_fallback=True).",
-                          e, checkpointing.set_aside(manager, step))
-            corrupt.append(step)
-    if corrupt:  # never start afresh over a run's corrupt checkpoints
-        raise checkpointing.CorruptCheckpointError(f"no intact checkpoint in {manager.directory}: steps {corrupt} "
-                                                   f"are corrupt (set aside)")
-    return None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> TrainState:
     """Runs (or resumes) the training run of `config` in `workdir` (on `devices`, default all)."""
@@ -317,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # State: resume from the latest checkpoint, else start fresh (optionally from converted weights).
     manager = checkpointing.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    restored = restore_latest(manager, trainer.abstract_state, fallback=config.restore_fallback)
+    restored = checkpointing.restore_latest(manager, trainer.abstract_state, fallback=config.restore_fallback)
     if restored is not None:
         state, data_state, latest = restored
         data_iter.set_state(data_state)
@@ -379,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             is_log_step = step % config.log_every_steps == 0 or step == config.total_steps
             if throughput is None or is_log_step:
                 flush()
-                values = _mean_metrics(history)
+                values = metrics.mean_metrics(history)
                 if throughput is None:  # the first step compiles: report it alone, then start the clocks
                     line = f"{metrics.progress_line(step, config.total_steps, values)} | first step " \
                            f"(with compilation) {time.perf_counter() - loop_start:.1f}s"
@@ -426,90 +389,17 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Open MPI); on a Cloud TPU pod slice started with gcloud, pass --distributed=on.")
 
 
-def _multi_process_environment() -> bool:
-    """Whether the environment describes a multi-process job."""
-    env = os.environ
-    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
-    return bool(
-        env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-        or len([h for h in hosts.split(",") if h]) > 1
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-
-
-class _OwnInfoOnly(pylogging.Filter):
-    """Keeps library INFO chatter (Orbax logs every save step by step) off the console."""
-    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or os.path.abspath(record.pathname).startswith(self.package_dir)
-
-
-def _config_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
-    """(field, argument) of each `--config.<field>[=value]` in `argv`."""
-    found = []
-    for arg in argv:
-        match = re.match(r"--?(?:no)?config\.([\w.]+)(?:=|$)", arg)
-        if match:
-            found.append((match.group(1), arg))
-    return found
-
-
-def repeated_overrides(argv: Sequence[str]) -> list[str]:
-    """One line per `--config.<field>` given more than once (absl would silently keep the last)."""
-    by_field: dict[str, list[str]] = {}
-    for field, arg in _config_overrides(argv):
-        by_field.setdefault(field, []).append(arg.partition("=")[2])
-    return [f"--config.{field} is given {len(values)} times ({', '.join(values)}): give each field once; an "
-            f"unquoted shell pattern such as --config.{field}=s-{{000..002}}.tar expands into one argument per "
-            f"name, so quote it: '--config.{field}=s-{{000..002}}.tar'"
-            for field, values in by_field.items() if len(values) > 1]
-
-
-def unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
-    """One line for ml_collections' error on an unknown field, an AttributeError(KeyError("'name'"
-    [+ '\\nDid you mean "total_steps" instead of ...?'])) naming only the last component: the
-    override it comes from, and the hint."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    name, _, hint = str(error.args[0] if error.args else error).strip("'").partition("'\n")
-    field = next((f for f, _ in _config_overrides(argv) if name in f.split(".")), name)
-    config_file = next((a.partition("=")[2] for a in argv if re.match(r"--?config=", a)), "the config")
-    return f"--config.{field}: no such field in {config_file}" + (f" ({hint.strip()})" if hint else "")
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (which reports its own errors in a line), with one-line errors for repeated
-    and unknown `--config.` fields (else a silent last-one-wins, and an ml_collections traceback)."""
-    repeated = repeated_overrides(argv[1:])
-    if repeated:
-        raise SystemExit("\n".join(repeated))
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections: a --config.<field> the config does not have
-        raise SystemExit(unknown_field_message(e, argv[1:])) from None
-
-
-def _exit_on_sigterm_during_start_up(signum: int, frame: Any) -> None:
-    """Until the training loop's own handler takes over no step has run since the last checkpoint,
-    so there is nothing to save. The exit status is 143 (128 + SIGTERM, what the default action
-    reports to a shell) rather than 0: the run did not finish, and job runners that restart failed
-    jobs must not take it for done."""
-    logging.warning("SIGTERM during start-up: nothing to save, exiting (status 143).")
-    raise SystemExit(128 + signal.SIGTERM)
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed = _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_process_environment())
+    distributed = _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and cli.multi_process_environment())
     if not distributed:  # several processes: JAX's preemption notifier owns SIGTERM
-        signal.signal(signal.SIGTERM, _exit_on_sigterm_during_start_up)
+        signal.signal(signal.SIGTERM, cli.exit_on_sigterm_during_start_up)
     errors = validate_config(_CONFIG.value)
     if errors:
         raise SystemExit("\n".join(errors))
     if not _LIBRARY_LOGS.value:
-        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+        logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
     if distributed:
         jax.distributed.initialize()
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
@@ -524,4 +414,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
