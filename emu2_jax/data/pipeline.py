@@ -313,7 +313,10 @@ class TrainIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._skips = np.asarray(state["skips"], np.int64).reshape(self._skips.shape)
+        # Reasons are only ever appended: a checkpoint from before a new one has fewer columns.
+        saved = np.asarray(state["skips"], np.int64).reshape(len(self._names), -1)
+        self._skips = np.zeros_like(self._skips)
+        self._skips[:, :saved.shape[1]] = saved
         self._examples = np.asarray(state["examples"], np.int64).reshape(self._examples.shape)
         self._logged = self._skips.copy()
 
