@@ -379,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             is_log_step = step % config.log_every_steps == 0 or step == config.total_steps
             if throughput is None or is_log_step:
                 flush()
-                values = _mean_metrics(history)
+                values = {**_mean_metrics(history), **data_iter.stats()}  # data/skipped/<reason>, ...
                 if throughput is None:  # the first step compiles: report it alone, then start the clocks
                     line = f"{metrics.progress_line(step, config.total_steps, values)} | first step " \
                            f"(with compilation) {time.perf_counter() - loop_start:.1f}s"

@@ -365,6 +365,11 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         if (s.builder == "decoder") != decoder_stage:
             raise ValueError(f"data.sources.{name}: builder {s.builder!r} does not belong to "
                              f"stage {cfg.stage!r}")
+        if s.format == "embedded" and s.paths:  # the bundled data would silently stand in
+            formats = [f for f in src.FORMATS[records.RECORD_KINDS[s.builder]] if f != "embedded"]
+            raise ValueError(f"data.sources.{name}.paths is set but data.sources.{name}.format is "
+                             f"'embedded', which ignores paths: set --config.data.sources.{name}"
+                             f".format to one of {formats}")
         if s.format != "embedded" and not s.paths:
             raise ValueError(f"data.sources.{name}.paths is empty: point it at the {s.format} "
                              f"files of this source, or set its weight to 0")
