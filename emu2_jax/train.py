@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from emu2_jax import checkpointing, metrics, optim, tasks
 from emu2_jax import sharding as sh
-from emu2_jax.data import layout
+from emu2_jax.data import layout, pipeline
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -72,7 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
               for name, low in _MIN_VALUES if not isinstance(config[name], int) or config[name] < low]
     if config.nonfinite not in ("skip", "stop"):
         errors.append(f"--config.nonfinite={config.nonfinite!r}: must be 'skip' or 'stop'")
-    return errors
+    return errors + pipeline.config_errors(config.data)
 
 
 # ---------------------------------------------------------------------------------------------

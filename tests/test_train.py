@@ -391,6 +391,8 @@ def test_a_streak_of_skipped_steps_stops_the_run(tmp_path):
     (["--config.nonfinite=ignore"], "--config.nonfinite='ignore': must be 'skip' or 'stop'"),
     (["--config.total_stepz=5"], "--config.total_stepz: no such field in configs/stage1.py:tiny"),
     (["--config.data.nosuch=5"], "--config.data.nosuch: no such field in configs/stage1.py:tiny"),
+    (["--config.data.sources.pairs.paths=/data/laion-{000..009}.tar"],
+     "data.sources.pairs.paths is set but data.sources.pairs.format is 'embedded'"),
     # What bash makes of an unquoted --config.data.paths=s-{000..002}.tar:
     ([f"--config.data.paths=s-00{i}.tar" for i in range(3)], "--config.data.paths is given 3 times"),
 ])

@@ -325,6 +325,20 @@ class TrainIterator(grain.DatasetIterator):
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
+def embedded_with_paths(name: str, builder: str) -> str:
+    """The error for paths given to a source whose format is 'embedded' (the bundled data would
+    silently stand in for them)."""
+    formats = [f for f in src.FORMATS[records.RECORD_KINDS[builder]] if f != "embedded"]
+    return (f"data.sources.{name}.paths is set but data.sources.{name}.format is 'embedded', "
+            f"which ignores paths: set --config.data.sources.{name}.format to one of {formats}")
+
+
+def config_errors(data_config: ml_collections.ConfigDict) -> list[str]:
+    """Source settings that would train on other data than asked, checked before any work."""
+    return [embedded_with_paths(name, s.builder) for name, s in sorted(data_config.sources.items())
+            if s.get("format") == "embedded" and s.get("paths") and s.get("builder") in records.RECORD_KINDS]
+
+
 def _seed(seed: int, *parts: Any) -> int:
     return zlib.crc32("/".join(map(str, (seed, *parts))).encode())
 
@@ -365,11 +379,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         if (s.builder == "decoder") != decoder_stage:
             raise ValueError(f"data.sources.{name}: builder {s.builder!r} does not belong to "
                              f"stage {cfg.stage!r}")
-        if s.format == "embedded" and s.paths:  # the bundled data would silently stand in
-            formats = [f for f in src.FORMATS[records.RECORD_KINDS[s.builder]] if f != "embedded"]
-            raise ValueError(f"data.sources.{name}.paths is set but data.sources.{name}.format is "
-                             f"'embedded', which ignores paths: set --config.data.sources.{name}"
-                             f".format to one of {formats}")
+        if s.format == "embedded" and s.paths:
+            raise ValueError(embedded_with_paths(name, s.builder))
         if s.format != "embedded" and not s.paths:
             raise ValueError(f"data.sources.{name}.paths is empty: point it at the {s.format} "
                              f"files of this source, or set its weight to 0")
