@@ -14,9 +14,12 @@
 
 A reader yields records with the fields of `sources.FEATURES[kind]`: encoded image bytes and raw
 text bytes, undecoded (decoding and validation happen in the input pipeline, where bad examples
-are counted). What a reader itself has to drop (unreadable lines, incomplete samples, missing
-image files) it counts per reason in the `skips` counter it is given. `paths` accepts globs,
-`{000..123}` ranges and comma-separated lists (`expand_paths`).
+are counted). What a reader itself has to drop (malformed lines, incomplete samples, missing
+image files, file names leading outside their folder) it counts per reason in the `skips` counter
+it is given, logging the first few of each reason with their `file:line`. A file it cannot read
+is an error naming it. Files a record names are read only from inside `image_dir` (or the folder
+of the record's own file when there is none). `paths` accepts globs, `{000..123}` ranges,
+directories (their files) and comma-separated lists (`expand_paths`).
 """
 from __future__ import annotations
 
@@ -230,17 +233,18 @@ def interleaved_record(key: str, doc: dict, image_dir: str, skips: Counter, wher
         raise ValueError("text_list is not a list")
     kept = [i for i, s in enumerate(sentences) if isinstance(s, str)]
     renumber = {old: new for new, old in enumerate(kept)}
-    images, image_sentence = [], []
-    for info in doc.get("image_info") or []:
-        index = info["matched_text_index"]
+    infos = [(info["image_name"], info["matched_text_index"]) for info in doc.get("image_info") or []]
+    for _, index in infos:  # all checked before any image is read: one record, one skip reason
         if type(index) is not int or index not in renumber:  # bool, float, out of range
             raise ValueError(f"matched_text_index {index!r} names no sentence of {len(sentences)}")
-        data = _read_file(image_dir, info["image_name"], skips, where)
+    images, image_sentence = [], []
+    for name, index in infos:
+        data = _read_file(image_dir, name, skips, where)
         if data is not None:
             images.append(data)
             image_sentence.append(renumber[index])
     if not images:
-        skips["no_images"] += 1
+        skip(skips, "no_images", where)
         return None
     return {"key": key.encode(), "sentences": [sentences[i].encode("utf-8") for i in kept],
             "images": images, "image_sentence": image_sentence}

@@ -71,7 +71,8 @@ FEATURES = {
 
 class SourceConfig(tfds.core.BuilderConfig):
     """Where a source's raw files are (the `formats.Inputs` its reader gets). `name` is derived
-    from the format and a hash of the inputs, so a change of files gives a fresh cache entry."""
+    from the format and a hash of the inputs (the set of files with their sizes and mtimes,
+    image_dir, system) and of the ingestion code, so a change of either gives a fresh entry."""
 
     def __init__(self, *, fmt: str, paths: Sequence[str] = (), image_dir: str = "",
                  system: str = "chat", **kwargs):
