@@ -162,6 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1 or args.steps < 2 or not 1 <= args.every < args.steps:
         parser.error("need --n >= 1, --steps >= 2 and 1 <= --every < --steps")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only reads checkpoints
     root = args.workdir or tempfile.mkdtemp(prefix="emu2_faults_")
     try:
         env = environment(root)
