@@ -330,3 +330,14 @@ def test_paths_on_an_embedded_source_are_refused(make):
     with pytest.raises(ValueError, match=r"data\.sources\.pairs\.paths is set but "
                                          r"data\.sources\.pairs\.format is 'embedded'.*webdataset"):
         make(config=cfg)
+
+
+def test_state_saved_before_a_new_skip_reason_restores(make):
+    it = make("stage1")
+    next(it)
+    state = it.get_state()
+    state["skips"] = [row[:-1] for row in state["skips"]]  # a checkpoint with one reason fewer
+    again = make("stage1")
+    again.set_state(state)
+    next(again)
+    assert again.stats()["data/skipped/unsafe_path"] == 0
