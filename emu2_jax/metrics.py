@@ -155,7 +155,9 @@ class Throughput:
 
 def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> str:
     """`step 120/1000 | loss 2.31 (text 2.31, image 0.00, acc 0.41) | lr llm 3.00e-05 ... | ETA 4m10s`;
-    the throughput parts appear when `values` has them (not for the first, compiling step)."""
+    the throughput parts appear when `values` has them (not for the first, compiling step), the
+    data iterator's skip counters (`data/skipped/<reason>`, `data/ingest_skipped/<reason>`) when
+    non-zero."""
     loss = f"loss {values['loss']:.4f}"
     if "text_loss" in values:  # the LLM stages; the decoder stage's loss is the denoising MSE alone
         loss += (f" (text {values['text_loss']:.4f}, image {values['image_loss']:.4f}, "
@@ -174,4 +176,9 @@ def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> s
         parts.append(f"ETA {format_duration(values['eta_seconds'])}")
     if values.get("nonfinite"):
         parts.append(f"{values['nonfinite']:.0f} non-finite step(s) skipped")
+    for prefix, label in (("data/skipped/", "skipped"), ("data/ingest_skipped/", "ingest skipped")):
+        counts = ", ".join(f"{k[len(prefix):]} {v:.0f}" for k, v in values.items()
+                           if k.startswith(prefix) and "/" not in k[len(prefix):] and v)
+        if counts:  # totals over the sources; TensorBoard has them per source too
+            parts.append(f"{label} {counts}")
     return " | ".join(parts)

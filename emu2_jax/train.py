@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 from emu2_jax import checkpointing, cli, metrics, optim, tasks
 from emu2_jax import sharding as sh
-from emu2_jax.data import layout
+from emu2_jax.data import layout, pipeline
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -70,7 +70,7 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
               for name, low in _MIN_VALUES if not isinstance(config[name], int) or config[name] < low]
     if config.nonfinite not in ("skip", "stop"):
         errors.append(f"--config.nonfinite={config.nonfinite!r}: must be 'skip' or 'stop'")
-    return errors
+    return errors + pipeline.config_errors(config.data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             is_log_step = step % config.log_every_steps == 0 or step == config.total_steps
             if throughput is None or is_log_step:
                 flush()
-                values = metrics.mean_metrics(history)
+                values = {**metrics.mean_metrics(history), **data_iter.stats()}  # data/skipped/<reason>, ...
                 if throughput is None:  # the first step compiles: report it alone, then start the clocks
                     line = f"{metrics.progress_line(step, config.total_steps, values)} | first step " \
                            f"(with compilation) {time.perf_counter() - loop_start:.1f}s"

@@ -151,6 +151,9 @@ class _PoisonAt:
     def set_state(self, state):
         self._inner.set_state(state)
 
+    def stats(self):
+        return self._inner.stats()
+
     def close(self):
         self._inner.close()
 
@@ -174,6 +177,8 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     assert scalars[1]["loss"] > 6.0 and scalars[100]["loss"] < 0.3, {s: v["loss"] for s, v in scalars.items()}
     assert scalars[20]["nonfinite"] == 1.0 and np.isfinite(scalars[20]["loss"])
     assert {"lr/visual", "lr/llm", "lr/projector", "grad_norm", "tokens_per_sec", "images_per_sec"} <= set(scalars[40])
+    assert scalars[40]["data/skipped/bad_image"] == 0 and scalars[40]["data/ingest_skipped/bad_record"] == 0
+    assert scalars[100]["data/examples"] > scalars[40]["data/examples"] > 0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "40", "80"]
 
     pairs = [json.loads(line) for line in (tokenizer.EMBEDDED_DIR / "pairs.jsonl").read_text().splitlines()]
@@ -386,6 +391,8 @@ def test_a_streak_of_skipped_steps_stops_the_run(tmp_path):
     (["--config.nonfinite=ignore"], "--config.nonfinite='ignore': must be 'skip' or 'stop'"),
     (["--config.total_stepz=5"], "--config.total_stepz: no such field in configs/stage1.py:tiny"),
     (["--config.data.nosuch=5"], "--config.data.nosuch: no such field in configs/stage1.py:tiny"),
+    (["--config.data.sources.pairs.paths=/data/laion-{000..009}.tar"],
+     "data.sources.pairs.paths is set but data.sources.pairs.format is 'embedded'"),
     # What bash makes of an unquoted --config.data.paths=s-{000..002}.tar:
     ([f"--config.data.paths=s-00{i}.tar" for i in range(3)], "--config.data.paths is given 3 times"),
 ])

@@ -14,9 +14,12 @@
 
 A reader yields records with the fields of `sources.FEATURES[kind]`: encoded image bytes and raw
 text bytes, undecoded (decoding and validation happen in the input pipeline, where bad examples
-are counted). What a reader itself has to drop (unreadable lines, incomplete samples, missing
-image files) it counts per reason in the `skips` counter it is given. `paths` accepts globs,
-`{000..123}` ranges and comma-separated lists (`expand_paths`).
+are counted). What a reader itself has to drop (malformed lines, incomplete samples, missing
+image files, file names leading outside their folder) it counts per reason in the `skips` counter
+it is given, logging the first few of each reason with their `file:line`. A file it cannot read
+is an error naming it. Files a record names are read only from inside `image_dir` (or the folder
+of the record's own file when there is none). `paths` accepts globs, `{000..123}` ranges,
+directories (their files) and comma-separated lists (`expand_paths`).
 """
 from __future__ import annotations
 
@@ -61,8 +64,22 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
             matches = sorted(glob.glob(expanded))
             if not matches:
                 raise FileNotFoundError(f"no file matches {expanded!r}")
-            out += matches
+            for match in matches:
+                out += _directory_files(match) if os.path.isdir(match) else [match]
     return out
+
+
+def _directory_files(directory: str) -> list[str]:
+    """The visible regular files of a directory given as a path (not recursive)."""
+    try:
+        names = os.listdir(directory)
+    except PermissionError as e:
+        raise PermissionError(f"cannot read input directory {directory}: permission denied") from e
+    files = sorted(os.path.join(directory, n) for n in names
+                   if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
+    if not files:
+        raise FileNotFoundError(f"no input files in {directory}")
+    return files
 
 
 def _expand_ranges(pattern: str) -> list[str]:
@@ -78,66 +95,102 @@ def _expand_ranges(pattern: str) -> list[str]:
 # Containers: tar shards and json lines
 # ------------------------------------------------------------------------------------------------
 
+# How many skips of each reason are logged with their file:line (the rest are only counted).
+LOGGED_PER_REASON = 3
+
+
+def skip(skips: Counter, reason: str, where: str, detail: object = "") -> None:
+    """Counts a dropped record; the first few of each reason are logged with where they are."""
+    skips[reason] += 1
+    if skips[reason] <= LOGGED_PER_REASON:
+        log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+
+def _open_input(path: str):
+    """An input file for reading. Failing to read one is an error naming it, never a skip: a
+    dataset cached without the file would be reused as complete after the file became readable."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise OSError(f"cannot read input file {path}: {e.strerror or e}") from e
+
+
 def _iter_webdataset(path: str, skips: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Groups consecutive tar members by key (file name up to its first dot), webdataset style."""
+    """Groups consecutive tar members by key (file name up to its first dot), webdataset style.
+    A corrupt or truncated shard keeps the samples read before the damage (one `bad_record`);
+    an I/O error is an error naming the shard."""
     key, group = None, {}
     shard = os.path.basename(path)
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, base = os.path.split(member.name)
-                if base.startswith("."):
-                    continue
-                stem, _, ext = base.partition(".")
-                member_key = f"{shard}/{folder}/{stem}" if folder else f"{shard}/{stem}"
-                if member_key != key:
-                    if group:
-                        yield key, group
-                    key, group = member_key, {}
-                group[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        skips["bad_record"] += 1
-        log.warning("unreadable tar shard %s (%s); using the samples read before the error",
-                    path, e)
+    with _open_input(path) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    if base.startswith("."):
+                        continue
+                    stem, _, ext = base.partition(".")
+                    member_key = f"{shard}/{folder}/{stem}" if folder else f"{shard}/{stem}"
+                    if member_key != key:
+                        if group:
+                            yield key, group
+                        key, group = member_key, {}
+                    group[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError) as e:
+            skip(skips, "bad_record", path, f"corrupt tar shard ({e}); samples before it kept")
+        except OSError as e:
+            raise OSError(f"cannot read input file {path}: {e.strerror or e}") from e
     if group:
         yield key, group
 
 
 def _iter_json_lines(path: str, skips: Counter) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
-        if path.endswith(".json"):  # one json array (LLaVA ships this)
-            try:
-                rows = json.loads(f.read().decode("utf-8"))
-            except UnicodeDecodeError:
-                skips["bad_text"] += 1
-                return
-            except ValueError:
-                skips["bad_record"] += 1
-                return
-            yield from enumerate(rows if isinstance(rows, list) else [rows])
-            return
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                skips["bad_text"] += 1
-            except ValueError:
-                skips["bad_record"] += 1
+    """(line number from 1, parsed value); a `.json` file is one array (LLaVA ships this), its
+    elements numbered from 1. Any failure to parse a line is one counted skip."""
+    with _open_input(path) as f:
+        try:
+            content = f.read() if path.endswith(".json") else None
+            lines = [content] if content is not None else f
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    skip(skips, "bad_text", f"{path}:{i}", e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - RecursionError, ValueError: one bad line
+                    skip(skips, "bad_record", f"{path}:{i}", f"{type(e).__name__}: {e}"[:200])
+                    continue
+                if content is None:
+                    yield i, value
+                else:
+                    yield from enumerate(value if isinstance(value, list) else [value], 1)
+        except OSError as e:
+            raise OSError(f"cannot read input file {path}: {e.strerror or e}") from e
 
 
-def _read_file(image_dir: str, name: str, skips: Counter) -> bytes | None:
-    """The bytes of image_dir/name, or None (counted as 'missing_file')."""
-    path = os.path.join(image_dir, name)
+def _read_file(base_dir: str, name: object, skips: Counter, where: str) -> bytes | None:
+    """The bytes of the file a record names, confined to base_dir: None (counted) when it is
+    missing ('missing_file') or leads outside base_dir ('unsafe_path': an absolute path, `..`,
+    a symlink out). Any other failure to read it is an error naming it."""
+    if not isinstance(name, str) or not name:
+        skip(skips, "bad_record", where, f"file name {name!r}")
+        return None
+    base = os.path.realpath(base_dir)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.isabs(name) or os.path.commonpath([base, path]) != base:
+        skip(skips, "unsafe_path", where, f"{name!r} is outside {base_dir}")
+        return None
     try:
         with open(path, "rb") as f:
             return f.read()
-    except OSError:
-        skips["missing_file"] += 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        skip(skips, "missing_file", where, f"{name!r} not under {base_dir}")
         return None
+    except OSError as e:
+        raise OSError(f"cannot read input file {path}: {e.strerror or e}") from e
 
 
 def _caption_bytes(group: dict[str, bytes]) -> bytes | None:
@@ -163,26 +216,37 @@ def _first_image(group: dict[str, bytes]) -> bytes | None:
 def grounded_record(key: str, image: bytes, meta: dict) -> dict:
     """GRIT annotations (`caption`, `noun_chunks`) -> a grounded record."""
     chunks = np.asarray(meta.get("noun_chunks") or np.zeros((0, 7)), np.float64).reshape(-1, 7)
+    if not np.isfinite(chunks).all() or np.abs(chunks[:, :2]).max(initial=0) > 2 ** 31 - 1:
+        raise ValueError("noun_chunks hold a non-finite or overflowing number")
     return {"key": key.encode(), "image": image, "caption": meta["caption"].encode("utf-8"),
             "spans": chunks[:, :2].astype(np.int32), "boxes": chunks[:, 2:6].astype(np.float32)}
 
 
-def interleaved_record(key: str, doc: dict, image_dir: str, skips: Counter) -> dict | None:
-    """An MMC4 document -> an interleaved record with the images found under image_dir."""
+def interleaved_record(key: str, doc: dict, image_dir: str, skips: Counter, where: str
+                       ) -> dict | None:
+    """An MMC4 document -> an interleaved record with the images found under image_dir.
+
+    Items of `text_list` that are not strings are dropped (the image indices renumbered); an
+    image matched to a dropped item or to no sentence at all makes the document malformed."""
     sentences = doc.get("text_list")
     if not isinstance(sentences, list):
-        skips["bad_record"] += 1
-        return None
+        raise ValueError("text_list is not a list")
+    kept = [i for i, s in enumerate(sentences) if isinstance(s, str)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    infos = [(info["image_name"], info["matched_text_index"]) for info in doc.get("image_info") or []]
+    for _, index in infos:  # all checked before any image is read: one record, one skip reason
+        if type(index) is not int or index not in renumber:  # bool, float, out of range
+            raise ValueError(f"matched_text_index {index!r} names no sentence of {len(sentences)}")
     images, image_sentence = [], []
-    for info in doc.get("image_info") or []:
-        data = _read_file(image_dir, info["image_name"], skips)
+    for name, index in infos:
+        data = _read_file(image_dir, name, skips, where)
         if data is not None:
             images.append(data)
-            image_sentence.append(int(info["matched_text_index"]))
+            image_sentence.append(renumber[index])
     if not images:
-        skips["no_images"] += 1
+        skip(skips, "no_images", where)
         return None
-    return {"key": key.encode(), "sentences": [str(s).encode("utf-8") for s in sentences],
+    return {"key": key.encode(), "sentences": [sentences[i].encode("utf-8") for i in kept],
             "images": images, "image_sentence": image_sentence}
 
 
@@ -200,119 +264,120 @@ def chat_record(key: str, system: str, turns: list[tuple[str, str]], images: lis
 # Readers: (Inputs, skip counter) -> iterator of (key, record)
 # ------------------------------------------------------------------------------------------------
 
-def _read_pairs_webdataset(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for key, group in _iter_webdataset(path, skips):
-            image, caption = _first_image(group), _caption_bytes(group)
-            if image is None or caption is None:
-                skips["bad_record"] += 1
-                continue
-            yield key, {"key": key.encode(), "image": image, "caption": caption}
+def _guarded(build: Callable[..., dict | None], where: str, skips: Counter, *args: Any) -> dict | None:
+    """build(*args) for one record; any exception in it (a malformed field, an overflowing number)
+    is that record's counted `bad_record`, never the end of the source. I/O errors propagate."""
+    try:
+        return build(*args)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a malformed record makes the code raise
+        skip(skips, "bad_record", where, f"{type(e).__name__}: {e}"[:200])
+        return None
+
+
+def _webdataset_reader(build: Callable[[str, dict[str, bytes]], dict]) -> Reader:
+    """A reader of tar shards: build(key, group) -> record; it raises on an incomplete sample."""
+    def read(cfg: Inputs, skips: Counter):
+        for path in cfg.paths:
+            for key, group in _iter_webdataset(path, skips):
+                record = _guarded(build, f"{path}:{key}", skips, key, group)
+                if record is not None:
+                    yield key, record
+    return read
+
+
+def _json_reader(build: Callable[[Inputs, str, Any, Counter, str], dict | None]) -> Reader:
+    """A reader of json lines: build(cfg, key, row, skips, where) -> record, None when it counted
+    its own skip (a missing image), or an exception for a malformed row."""
+    def read(cfg: Inputs, skips: Counter):
+        for path in cfg.paths:
+            base_dir = cfg.image_dir or os.path.dirname(os.path.abspath(path))
+            for i, row in _iter_json_lines(path, skips):
+                key, where = f"{os.path.basename(path)}/{i}", f"{path}:{i}"
+                record = _guarded(build, where, skips, base_dir, key, row, skips, where, cfg)
+                if record is not None:
+                    yield key, record
+    return read
+
+
+def _pairs(key: str, group: dict[str, bytes]) -> dict:
+    image, caption = _first_image(group), _caption_bytes(group)
+    if image is None or caption is None:
+        raise ValueError("sample without an image or a caption")
+    return {"key": key.encode(), "image": image, "caption": caption}
 
 
 _FRAME_RE = re.compile(r"^(\d+)\.(jpg|jpeg|png)$")
 
 
-def _read_videos_webdataset(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for key, group in _iter_webdataset(path, skips):
-            frames = sorted((int(m.group(1)), data) for ext, data in group.items()
-                            if (m := _FRAME_RE.match(ext)))
-            caption = _caption_bytes(group)
-            if not frames or caption is None:
-                skips["bad_record"] += 1
-                continue
-            yield key, {"key": key.encode(), "frames": [d for _, d in frames], "caption": caption}
+def _videos(key: str, group: dict[str, bytes]) -> dict:
+    frames = sorted((int(m.group(1)), data) for ext, data in group.items()
+                    if (m := _FRAME_RE.match(ext)))
+    caption = _caption_bytes(group)
+    if not frames or caption is None:
+        raise ValueError("sample without frames or a caption")
+    return {"key": key.encode(), "frames": [d for _, d in frames], "caption": caption}
 
 
-def _read_grounded_grit(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for key, group in _iter_webdataset(path, skips):
-            image = _first_image(group)
-            try:
-                meta = json.loads(group["json"])
-                record = grounded_record(key, image, meta) if image is not None else None
-            except (KeyError, ValueError, TypeError, AttributeError):
-                record = None
-            if record is None:
-                skips["bad_record"] += 1
-                continue
-            yield key, record
+def _grounded(key: str, group: dict[str, bytes]) -> dict:
+    image = _first_image(group)
+    if image is None:
+        raise ValueError("sample without an image")
+    return grounded_record(key, image, json.loads(group["json"]))
 
 
-def _read_interleaved_mmc4(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for i, doc in _iter_json_lines(path, skips):
-            key = f"{os.path.basename(path)}/{i}"
-            try:
-                record = interleaved_record(key, doc, cfg.image_dir, skips)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                skips["bad_record"] += 1
-                continue
-            if record is not None:
-                yield key, record
+def _interleaved(base_dir: str, key: str, doc: Any, skips: Counter, where: str,
+                 cfg: Inputs) -> dict | None:
+    return interleaved_record(key, doc, base_dir, skips, where)
 
 
-def _read_text_jsonl(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for i, row in _iter_json_lines(path, skips):
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                skips["bad_record"] += 1
-                continue
-            key = f"{os.path.basename(path)}/{i}"
-            yield key, {"key": key.encode(), "text": text.encode("utf-8")}
+def _text(base_dir: str, key: str, row: Any, skips: Counter, where: str, cfg: Inputs) -> dict:
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("no string 'text' field")
+    return {"key": key.encode(), "text": text.encode("utf-8")}
 
 
-def _read_chat_llava(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for i, row in _iter_json_lines(path, skips):
-            key = f"{os.path.basename(path)}/{i}"
-            try:
-                messages = row["conversations"]
-                turns = [(messages[j]["value"].replace("<image>", tk.IMG_PLACEHOLDER),
-                          messages[j + 1]["value"]) for j in range(0, len(messages) - 1, 2)]
-                roles_ok = all(messages[j]["from"] == "human" and messages[j + 1]["from"] == "gpt"
-                               for j in range(0, len(messages) - 1, 2))
-            except (KeyError, TypeError, IndexError, AttributeError):
-                turns, roles_ok = [], False
-            if not turns or not roles_ok:
-                skips["bad_record"] += 1
-                continue
-            images = []
-            if row.get("image"):
-                data = _read_file(cfg.image_dir, row["image"], skips)
-                if data is None:
-                    continue
-                images.append(data)
-                if not any(tk.IMG_PLACEHOLDER in u for u, _ in turns):  # LLaVA omits it sometimes
-                    turns[0] = (tk.IMG_PLACEHOLDER + turns[0][0], turns[0][1])
-            yield key, chat_record(key, cfg.system, turns, images, [], False)
+def _chat(base_dir: str, key: str, row: Any, skips: Counter, where: str,
+          cfg: Inputs) -> dict | None:
+    messages = row["conversations"]
+    pairs = range(0, len(messages) - 1, 2)
+    turns = [(messages[j]["value"].replace("<image>", tk.IMG_PLACEHOLDER), messages[j + 1]["value"])
+             for j in pairs]
+    if not turns or not all(messages[j]["from"] == "human" and messages[j + 1]["from"] == "gpt"
+                            for j in pairs):
+        raise ValueError("conversations are not human/gpt turns")
+    images = []
+    if row.get("image"):
+        data = _read_file(base_dir, row["image"], skips, where)
+        if data is None:
+            return None
+        images.append(data)
+        if not any(tk.IMG_PLACEHOLDER in u for u, _ in turns):  # LLaVA omits it sometimes
+            turns[0] = (tk.IMG_PLACEHOLDER + turns[0][0], turns[0][1])
+    return chat_record(key, cfg.system, turns, images, [], False)
 
 
-def _read_edits_jsonl(cfg: Inputs, skips: Counter):
-    for path in cfg.paths:
-        for i, row in _iter_json_lines(path, skips):
-            key = f"{os.path.basename(path)}/{i}"
-            try:
-                source, target, instruction = row["source"], row["target"], row["instruction"]
-            except (KeyError, TypeError):
-                skips["bad_record"] += 1
-                continue
-            source_bytes = _read_file(cfg.image_dir, source, skips)
-            target_bytes = _read_file(cfg.image_dir, target, skips)
-            if source_bytes is None or target_bytes is None:
-                continue
-            yield key, {"key": key.encode(), "source": source_bytes, "target": target_bytes,
-                        "instruction": str(instruction).encode("utf-8")}
+def _edits(base_dir: str, key: str, row: Any, skips: Counter, where: str,
+           cfg: Inputs) -> dict | None:
+    source, target, instruction = row["source"], row["target"], row["instruction"]
+    if not isinstance(instruction, str):
+        raise ValueError("instruction is not a string")
+    source_bytes = _read_file(base_dir, source, skips, where)
+    target_bytes = _read_file(base_dir, target, skips, where)
+    if source_bytes is None or target_bytes is None:
+        return None
+    return {"key": key.encode(), "source": source_bytes, "target": target_bytes,
+            "instruction": instruction.encode("utf-8")}
 
 
 READERS: dict[tuple[str, str], Reader] = {
-    ("pairs", "webdataset"): _read_pairs_webdataset,
-    ("videos", "webdataset"): _read_videos_webdataset,
-    ("interleaved", "mmc4"): _read_interleaved_mmc4,
-    ("grounded", "grit"): _read_grounded_grit,
-    ("text", "jsonl"): _read_text_jsonl,
-    ("chat", "llava"): _read_chat_llava,
-    ("edits", "jsonl"): _read_edits_jsonl,
+    ("pairs", "webdataset"): _webdataset_reader(_pairs),
+    ("videos", "webdataset"): _webdataset_reader(_videos),
+    ("interleaved", "mmc4"): _json_reader(_interleaved),
+    ("grounded", "grit"): _webdataset_reader(_grounded),
+    ("text", "jsonl"): _json_reader(_text),
+    ("chat", "llava"): _json_reader(_chat),
+    ("edits", "jsonl"): _json_reader(_edits),
 }

@@ -313,7 +313,10 @@ class TrainIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._skips = np.asarray(state["skips"], np.int64).reshape(self._skips.shape)
+        # Reasons are only ever appended: a checkpoint from before a new one has fewer columns.
+        saved = np.asarray(state["skips"], np.int64).reshape(len(self._names), -1)
+        self._skips = np.zeros_like(self._skips)
+        self._skips[:, :saved.shape[1]] = saved
         self._examples = np.asarray(state["examples"], np.int64).reshape(self._examples.shape)
         self._logged = self._skips.copy()
 
@@ -321,6 +324,20 @@ class TrainIterator(grain.DatasetIterator):
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
+
+def embedded_with_paths(name: str, builder: str) -> str:
+    """The error for paths given to a source whose format is 'embedded' (the bundled data would
+    silently stand in for them)."""
+    formats = [f for f in src.FORMATS[records.RECORD_KINDS[builder]] if f != "embedded"]
+    return (f"data.sources.{name}.paths is set but data.sources.{name}.format is 'embedded', "
+            f"which ignores paths: set --config.data.sources.{name}.format to one of {formats}")
+
+
+def config_errors(data_config: ml_collections.ConfigDict) -> list[str]:
+    """Source settings that would train on other data than asked, checked before any work."""
+    return [embedded_with_paths(name, s.builder) for name, s in sorted(data_config.sources.items())
+            if s.get("format") == "embedded" and s.get("paths") and s.get("builder") in records.RECORD_KINDS]
+
 
 def _seed(seed: int, *parts: Any) -> int:
     return zlib.crc32("/".join(map(str, (seed, *parts))).encode())
@@ -362,6 +379,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         if (s.builder == "decoder") != decoder_stage:
             raise ValueError(f"data.sources.{name}: builder {s.builder!r} does not belong to "
                              f"stage {cfg.stage!r}")
+        if s.format == "embedded" and s.paths:
+            raise ValueError(embedded_with_paths(name, s.builder))
         if s.format != "embedded" and not s.paths:
             raise ValueError(f"data.sources.{name}.paths is empty: point it at the {s.format} "
                              f"files of this source, or set its weight to 0")

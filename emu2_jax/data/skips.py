@@ -14,6 +14,7 @@ REASONS: tuple[str, ...] = (
     "no_images",          # interleaved document without any image
     "too_small",          # image below the decoder's minimum side
     "bad_record",         # malformed json / incomplete webdataset sample (ingest)
+    "unsafe_path",        # a record names a file outside its image_dir / shard folder (ingest)
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 

@@ -71,7 +71,8 @@ FEATURES = {
 
 class SourceConfig(tfds.core.BuilderConfig):
     """Where a source's raw files are (the `formats.Inputs` its reader gets). `name` is derived
-    from the format and a hash of the inputs, so a change of files gives a fresh cache entry."""
+    from the format and a hash of the inputs (the set of files with their sizes and mtimes,
+    image_dir, system) and of the ingestion code, so a change of either gives a fresh entry."""
 
     def __init__(self, *, fmt: str, paths: Sequence[str] = (), image_dir: str = "",
                  system: str = "chat", **kwargs):
@@ -184,19 +185,37 @@ def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", imag
         files = formats.expand_paths(paths)
         if image_dir and not os.path.isdir(os.path.expanduser(image_dir)):
             raise FileNotFoundError(f"image_dir {image_dir!r} is not a directory")
-        digest_inputs = [f"{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files]
+        # The set of files (order-free: the same files listed differently are the same dataset).
+        digest_inputs = sorted(f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
+                               for f in files)
         digest_inputs += [os.path.expanduser(image_dir), system]
+    digest_inputs.append(CODE_DIGEST)  # a fix in the readers re-ingests instead of reusing
     digest = hashlib.sha1("\n".join(digest_inputs).encode()).hexdigest()[:12]
     config = SourceConfig(name=f"{fmt}-{digest}", fmt=fmt, paths=files,
                           image_dir=os.path.expanduser(image_dir), system=system,
                           description=f"{fmt} {kind}")
     builder = BUILDERS[kind](config=config, data_dir=str(cache_dir(data_dir)))
-    if not builder.is_prepared():
+    cached = builder.is_prepared()
+    if not cached:
         tfds.disable_progress_bar()
         builder.download_and_prepare(file_format="array_record")
     metadata = builder.info.metadata or {}
-    return PreparedSource(builder.as_data_source(split="train"),
-                          dict(metadata.get("ingest_skips", {})), _describe(config))
+    skips = {k: int(v) for k, v in metadata.get("ingest_skips", {}).items()}
+    if skips and cached:  # ingestion logged them once; every later use says them again
+        log.warning("cached %s %s from %s (%s) was ingested with records skipped: %s", kind, fmt,
+                    _describe(config), builder.data_dir, skips)
+    return PreparedSource(builder.as_data_source(split="train"), skips, _describe(config))
+
+
+def _code_digest() -> str:
+    """The ingestion code's version: the source of the readers and builders."""
+    h = hashlib.sha1()
+    for module in (formats.__file__, __file__, embedded.__file__):
+        h.update(pathlib.Path(module).read_bytes())
+    return h.hexdigest()
+
+
+CODE_DIGEST = _code_digest()
 
 
 def _embedded_digest() -> str:

@@ -322,3 +322,22 @@ def test_mixing_by_rows_or_samples_and_exhaustion(balance, expected):
     assert [(r["source"], r["index"]) for r in (next(again) for _ in range(10))] == following
     finite = list(pl._MixRows([_rows(0, 3, 1), _rows(1, 5, 1)], [1, 1], balance))
     assert [r["source"] for r in finite] == [0, 1, 0, 1, 0, 1, 1, 1]
+
+
+def test_paths_on_an_embedded_source_are_refused(make):
+    cfg = data_config("stage1")
+    cfg.sources.pairs.paths = "/data/laion-{000..009}.tar"
+    with pytest.raises(ValueError, match=r"data\.sources\.pairs\.paths is set but "
+                                         r"data\.sources\.pairs\.format is 'embedded'.*webdataset"):
+        make(config=cfg)
+
+
+def test_state_saved_before_a_new_skip_reason_restores(make):
+    it = make("stage1")
+    next(it)
+    state = it.get_state()
+    state["skips"] = [row[:-1] for row in state["skips"]]  # a checkpoint with one reason fewer
+    again = make("stage1")
+    again.set_state(state)
+    next(again)
+    assert again.stats()["data/skipped/unsafe_path"] == 0

@@ -96,7 +96,7 @@ def _record(kind: str, key: str, row: dict[str, Any]) -> dict[str, Any]:
         return {"frames": _video(row["image"], row["motion"], row["num_frames"]),
                 "caption": row["caption"].encode()}
     if kind == "interleaved":
-        return formats.interleaved_record(key, row, str(DIR / "images"), Counter())
+        return formats.interleaved_record(key, row, str(DIR / "images"), Counter(), key)
     if kind == "grounded":
         return formats.grounded_record(key, _image(row["image"]), row)
     if kind == "text":
