@@ -23,6 +23,9 @@ seeded shuffle (reshuffled every epoch) -> repeat -> random_map(decode + build o
 order; text-only documents continue across rows) -> mixing of the sources' rows (deterministic,
 proportional to the per-source weights, counted in examples or rows) -> batch -> optional worker
 processes (`mp_prefetch`) -> skip/example counters. Every stage keeps checkpointable state.
+
+The module is a little over 400 lines because these grain stages share their source bookkeeping
+(`_SourceInfo`, `_SkipTracker`) and checkpoint state; they read best as one chain in one file.
 """
 from __future__ import annotations
 
