@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from emu2_jax import sharding as sh
 from emu2_jax.models import layers
@@ -107,9 +108,10 @@ class EvaAttention(nn.Module):
         proj_in = dict(features=(cfg.num_heads, cfg.head_dim), kernel_axes=(sh.EMBED, sh.HEADS, sh.HEAD_DIM),
                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         head_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.ACT_HEAD_DIM)
-        q = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="q")(x), head_axes)
-        k = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=False, name="k")(x), head_axes)
-        v = nn.with_logical_constraint(layers.dense(**proj_in, use_bias=cfg.qkv_bias, name="v")(x), head_axes)
+        q, k, v = (nn.with_logical_constraint(checkpoint_name(layers.dense(**proj_in, use_bias=bias, name=n)(x), tag),
+                                              head_axes)
+                   for n, bias, tag in (("q", cfg.qkv_bias, layers.QUERY_PROJ), ("k", False, layers.KEY_PROJ),
+                                        ("v", cfg.qkv_bias, layers.VALUE_PROJ)))
         if cfg.use_rope:
             sin, cos = rope_sin_cos(cfg)
             q, k = (jnp.concatenate([t[:, :1], _apply_rope(t[:, 1:], sin, cos)], axis=1) for t in (q, k))
@@ -119,8 +121,9 @@ class EvaAttention(nn.Module):
             normed = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                        name="norm")(out.reshape(*out.shape[:2], cfg.width))
             out = normed.reshape(out.shape)
-        return layers.dense(cfg.width, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), use_bias=True,
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj")(out)
+        out = layers.dense(cfg.width, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), use_bias=True,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj")(out)
+        return checkpoint_name(out, layers.OUT_PROJ)
 
 
 class EvaMlp(nn.Module):
@@ -140,8 +143,9 @@ class EvaMlp(nn.Module):
         if cfg.sub_ln:
             h = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                   name="norm")(h)
-        return layers.dense(cfg.width, (sh.MLP, sh.EMBED), use_bias=True, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name="fc2")(h)
+        out = layers.dense(cfg.width, (sh.MLP, sh.EMBED), use_bias=True, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="fc2")(h)
+        return checkpoint_name(out, layers.MLP_OUT)
 
 
 class EvaBlock(nn.Module):

@@ -125,11 +125,21 @@ def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int = 0) -> jax.A
     return (k_pos <= q_pos)[None, None]
 
 
+# Names of the activations a block tags with `checkpoint_name` (the LLM's and the vision tower's
+# attention and MLP), so that a remat policy can keep them by name, MaxText style.
+QUERY_PROJ, KEY_PROJ, VALUE_PROJ = "query_proj", "key_proj", "value_proj"
+OUT_PROJ = "out_proj"    # attention output projection
+MLP_OUT = "mlp_out"      # MLP output projection
+
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,                                   # keep every activation (no rematerialisation)
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,   # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the projections; recompute attention scores and the MLP's hidden activation.
+    "minimal": _save(QUERY_PROJ, KEY_PROJ, VALUE_PROJ, OUT_PROJ, MLP_OUT),
+    "save_qkv_proj": _save(QUERY_PROJ, KEY_PROJ, VALUE_PROJ),  # keep q, k, v; recompute the rest
 }
 
 

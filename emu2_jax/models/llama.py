@@ -35,6 +35,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from emu2_jax import sharding as sh
 from emu2_jax.models import layers
@@ -144,9 +145,12 @@ class LlamaAttention(nn.Module):
                                  param_dtype=cfg.param_dtype)
         q_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_HEADS, sh.ACT_HEAD_DIM)
         kv_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_KV_HEADS, sh.ACT_HEAD_DIM)
-        q = proj((cfg.num_heads, cfg.head_dim), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), name="q")(x)
-        k = proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), name="k")(x)
-        v = proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), name="v")(x)
+        q = checkpoint_name(proj((cfg.num_heads, cfg.head_dim), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), name="q")(x),
+                            layers.QUERY_PROJ)
+        k = checkpoint_name(proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
+                                 name="k")(x), layers.KEY_PROJ)
+        v = checkpoint_name(proj((cfg.num_kv_heads, cfg.head_dim), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
+                                 name="v")(x), layers.VALUE_PROJ)
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), q_axes)
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), kv_axes)
         v = nn.with_logical_constraint(v, kv_axes)
@@ -179,7 +183,8 @@ class LlamaAttention(nn.Module):
         mask = attention_mask(segment_ids, kv_segments, q_offset)
         out = layers.dot_product_attention(q, k, v, mask, dtype=cfg.dtype)
         out = nn.with_logical_constraint(out, q_axes)
-        return proj(cfg.hidden_size, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), name="o")(out)
+        out = proj(cfg.hidden_size, (sh.HEADS, sh.HEAD_DIM, sh.EMBED), axis=(-2, -1), name="o")(out)
+        return checkpoint_name(out, layers.OUT_PROJ)
 
 
 class LlamaMLP(nn.Module):
@@ -192,7 +197,7 @@ class LlamaMLP(nn.Module):
         gate = dense(cfg.intermediate_size, (sh.EMBED, sh.MLP), name="gate")(x)
         up = dense(cfg.intermediate_size, (sh.EMBED, sh.MLP), name="up")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_MLP))
-        return dense(cfg.hidden_size, (sh.MLP, sh.EMBED), name="down")(h)
+        return checkpoint_name(dense(cfg.hidden_size, (sh.MLP, sh.EMBED), name="down")(h), layers.MLP_OUT)
 
 
 class LlamaBlock(nn.Module):

@@ -133,7 +133,8 @@ def test_invalid_config_raises():
         VisionConfig(remat_policy="sometimes")
 
 
-def test_remat_full_matches_none_gradients():
+@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj"])
+def test_remat_policies_match_none_gradients(policy):
     params = nn.unbox(_init(POST_NORM))["params"]
     images = jax.random.normal(jax.random.PRNGKey(2), (2, POST_NORM.image_size, POST_NORM.image_size, 3))
 
@@ -142,7 +143,7 @@ def test_remat_full_matches_none_gradients():
         loss = lambda p: jnp.mean(model.apply({"params": p}, images) ** 2)
         return jax.jit(jax.grad(loss))(params)
 
-    reference, remat = grads("none"), grads("full")
+    reference, remat = grads("none"), grads(policy)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(reference))

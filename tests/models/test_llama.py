@@ -167,7 +167,8 @@ def test_bf16_compute_close_to_fp32():
     assert 0 < err <= 0.05 * np.max(np.abs(ref)), err
 
 
-def test_remat_full_matches_no_remat_gradients():
+@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj"])
+def test_remat_policies_match_no_remat_gradients(policy):
     config = tiny_config(num_kv_heads=2)
     params = nn.unbox(init_params(config))["params"]
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, config.vocab_size, (2, 8)), jnp.int32)
@@ -177,7 +178,23 @@ def test_remat_full_matches_no_remat_gradients():
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
 
     grads = {policy: jax.grad(loss)(params, dataclasses.replace(config, remat_policy=policy))
-             for policy in ("none", "full")}
+             for policy in ("none", policy)}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 grads["none"], grads["full"])
+                 grads["none"], grads[policy])
     assert float(jnp.max(jnp.abs(grads["none"]["layers"]["attn"]["q"]["kernel"]))) > 0
+
+
+def test_named_remat_policies_keep_the_tagged_projections(capsys):
+    """`minimal` keeps q/k/v, the attention output and the MLP output; `save_qkv_proj` only q/k/v:
+    each saves more residuals for the backward pass than `full` and fewer than `none`."""
+    config = tiny_config(num_kv_heads=2)
+    params = nn.unbox(init_params(config))["params"]
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    def residuals(policy):
+        cfg = dataclasses.replace(config, remat_policy=policy)
+        jax.ad_checkpoint.print_saved_residuals(lambda p: forward(cfg, p, tokens).sum(), params)
+        return len(capsys.readouterr().out.splitlines())
+
+    counts = {policy: residuals(policy) for policy in ("none", "full", "save_qkv_proj", "minimal")}
+    assert counts["full"] < counts["save_qkv_proj"] < counts["minimal"] < counts["none"], counts
