@@ -42,6 +42,9 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     # Loss: text cross-entropy + visual-embedding regression (MSE), weighted.
     c.text_loss_weight = 1.0
     c.image_loss_weight = 1.0
+    # Sequence positions per chunk of the text cross-entropy: the [rows, seq_len, vocab] float32
+    # logits never exist at once (recomputed per chunk in the backward pass); 0 = all at once.
+    c.text_loss_chunk = 0 if tiny else 512
 
     # Optimizer: AdamW, one peak learning rate per group (optim.GROUPS).
     c.optimizer = ml_collections.ConfigDict()

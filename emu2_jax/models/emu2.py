@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import chex
 import jax
@@ -127,17 +128,35 @@ class Emu2Model(nn.Module):
         embeds = nn.with_logical_constraint(embeds, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
         return embeds, visual_at
 
-    def __call__(self, batch: Mapping[str, jax.Array]) -> Emu2Output:
+    def _trunk(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(final-norm hidden states [B, L, D], visual targets [B, L, Dv])."""
         embeds, visual_at = self.embed_inputs(batch["tokens"], batch["images"], batch["image_valid"],
                                               batch["image_is_frame"])
         hidden = self.llm(embeds, batch["positions"], batch["segment_ids"])
         # The output at p regresses the element at p+1; targets never carry gradient into the encoder.
-        visual_target = jax.lax.stop_gradient(jnp.pad(visual_at[:, 1:], ((0, 0), (0, 1), (0, 0))))
+        return hidden, jax.lax.stop_gradient(jnp.pad(visual_at[:, 1:], ((0, 0), (0, 1), (0, 0))))
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> Emu2Output:
+        hidden, visual_target = self._trunk(batch)
         return Emu2Output(
             text_logits=self.llm.logits(hidden),
             visual_pred=self.project_down(hidden).astype(jnp.float32),
             visual_target=visual_target,
         )
+
+    def losses(self, batch: Mapping[str, jax.Array], *, text_weight: float = 1.0, image_weight: float = 1.0,
+               text_loss_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`compute_losses` of the batch; with `text_loss_chunk` > 0 the text cross-entropy takes the
+        logits `text_loss_chunk` positions at a time (recomputed in the backward pass), so the
+        [B, L, V] float32 logits never exist at once."""
+        if not text_loss_chunk:
+            return compute_losses(self(batch), batch, text_weight=text_weight, image_weight=image_weight)
+        hidden, visual_target = self._trunk(batch)
+        kernel = self.llm.lm_head.variables["params"]["kernel"]
+        nll, correct = chunked_nll_and_correct(hidden, kernel, batch["targets"], chunk=text_loss_chunk,
+                                               dtype=self.config.llm.dtype)
+        return _losses(nll, correct, self.project_down(hidden).astype(jnp.float32), visual_target, batch,
+                       text_weight, image_weight)
 
     def decode_step(self, inputs_embeds: jax.Array, positions: jax.Array,
                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -153,18 +172,49 @@ def compute_losses(outputs: Emu2Output, batch: Mapping[str, jax.Array], *, text_
     Each loss is a mean over its supervised positions (the MSE also over feature channels);
     a batch without supervised positions of a kind contributes 0 for it.
     """
-    text_mask = batch["text_loss_mask"].astype(jnp.float32)
-    image_mask = batch["image_loss_mask"].astype(jnp.float32)
-    chex.assert_equal_shape((text_mask, image_mask, batch["targets"]))
     logits = outputs.text_logits.astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return _losses(nll, correct, outputs.visual_pred, outputs.visual_target, batch, text_weight, image_weight)
+
+
+def chunked_nll_and_correct(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, chunk: int,
+                            dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Next-token negative log-likelihood and argmax correctness [B, L] from hidden states [B, L, D]
+    and the lm_head kernel [D, V], `chunk` positions at a time under `jax.checkpoint`: the backward
+    pass recomputes each chunk's logits instead of keeping [B, L, V] float32 of them."""
+    batch, length, _ = hidden.shape
+    padded = -(-length // chunk) * chunk
+    pad = ((0, 0), (0, padded - length))
+    pieces = lambda x: jnp.moveaxis(x.reshape(batch, padded // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def piece(inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, t = inputs
+        logits = jnp.einsum("bld,dv->blv", h.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_VOCAB))
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked, (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+
+    nll, correct = jax.lax.map(piece, (pieces(jnp.pad(hidden, (*pad, (0, 0)))),
+                                       pieces(jnp.pad(targets.astype(jnp.int32), pad))))
+    unpiece = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded)[:, :length]
+    return unpiece(nll), unpiece(correct)
+
+
+def _losses(nll: jax.Array, correct: jax.Array, visual_pred: jax.Array, visual_target: jax.Array,
+            batch: Mapping[str, jax.Array], text_weight: float, image_weight: float
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The masked means of `compute_losses` from per-position text NLL / correctness [B, L]."""
+    text_mask = batch["text_loss_mask"].astype(jnp.float32)
+    image_mask = batch["image_loss_mask"].astype(jnp.float32)
+    chex.assert_equal_shape((text_mask, image_mask, batch["targets"], nll, correct))
     text_count = text_mask.sum()
     text_loss = (nll * text_mask).sum() / jnp.maximum(text_count, 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     text_accuracy = (correct * text_mask).sum() / jnp.maximum(text_count, 1.0)
 
-    squared = jnp.mean(jnp.square(outputs.visual_pred - outputs.visual_target), axis=-1)
+    squared = jnp.mean(jnp.square(visual_pred - visual_target), axis=-1)
     image_count = image_mask.sum()
     image_loss = (squared * image_mask).sum() / jnp.maximum(image_count, 1.0)
 

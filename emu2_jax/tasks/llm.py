@@ -97,8 +97,8 @@ class LlmTask:
         accumulated gradient equals that of the whole batch."""
         del rng  # deterministic
         text_weight, image_weight = self.config.text_loss_weight, self.config.image_loss_weight
-        outputs = self.model.apply({"params": params}, micro)
-        _, m = emu2.compute_losses(outputs, micro, text_weight=text_weight, image_weight=image_weight)
+        _, m = self.model.apply({"params": params}, micro, text_weight=text_weight, image_weight=image_weight,
+                                text_loss_chunk=self.config.text_loss_chunk, method=emu2.Emu2Model.losses)
         text_share, image_share = m["text_tokens"] / normalizers["text"], m["image_tokens"] / normalizers["image"]
         parts = {"text_loss": m["text_loss"] * text_share, "image_loss": m["image_loss"] * image_share,
                  "text_accuracy": m["text_accuracy"] * text_share}

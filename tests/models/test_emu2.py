@@ -181,3 +181,26 @@ def test_runtime_path_does_not_import_torch():
             "bad = [m for m in ('torch', 'transformers', 'timm', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("chunk", [3, 7])  # 3 splits the row unevenly (padding); 7 is a single chunk + pad
+def test_chunked_text_loss_equals_the_full_loss(model_and_params, chunk):
+    """Loss, metrics and gradients of `losses` with the cross-entropy in chunks equal the whole-sequence
+    computation from the model's logits."""
+    model, params, batch = model_and_params
+
+    def loss(p, text_loss_chunk):
+        total, metrics = model.apply(p, batch, text_weight=1.0, image_weight=0.5, text_loss_chunk=text_loss_chunk,
+                                     method=emu2.Emu2Model.losses)
+        return total, metrics
+
+    (full, full_metrics), full_grads = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (chunked, chunked_metrics), chunked_grads = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+    reference, _ = emu2.compute_losses(model.apply(params, batch), batch, text_weight=1.0, image_weight=0.5)
+    np.testing.assert_allclose(full, reference, rtol=1e-6)
+    np.testing.assert_allclose(chunked, full, rtol=1e-5)
+    for key in ("text_loss", "image_loss", "text_accuracy", "text_tokens"):
+        np.testing.assert_allclose(chunked_metrics[key], full_metrics[key], rtol=1e-5, err_msg=key)
+    assert float(full_metrics["text_loss"]) > 0 and float(full_metrics["image_loss"]) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked_grads, full_grads)
+    assert float(jnp.abs(chunked_grads["params"]["llm"]["lm_head"]["kernel"]).max()) > 0
