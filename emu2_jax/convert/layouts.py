@@ -21,7 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from emu2_jax.convert.stream import source_files
+from emu2_jax.convert.stream import Source, _safetensors_header, source_files
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
 from emu2_jax.models.eva_vit import VisionConfig
@@ -99,17 +99,11 @@ def _keys_of(files: list[pathlib.Path]) -> list[str]:
     keys: list[str] = []
     for file in files:
         if file.name.endswith(".safetensors"):
-            from safetensors import safe_open
-
             try:
-                with safe_open(str(file), framework="numpy") as f:
-                    keys.extend(f.keys())
-            except Exception as e:  # safetensors' errors do not name the file
-                raise ValueError(f"{file}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                                 ) from e
+                keys.extend(_safetensors_header(file))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{file}: cannot read it ({e})") from e
         else:
-            from emu2_jax.convert.stream import Source
-
             keys.extend(Source([file]).keys())
     return keys
 

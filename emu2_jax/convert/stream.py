@@ -29,6 +29,8 @@ import numpy as np
 # Orbax's non-OCDBT PyTree layout (orbax-checkpoint 0.11): what `PyTreeCheckpointer(use_ocdbt=False)`
 # writes for numpy leaves.
 _CHUNK_BYTES = 64 << 20  # unstacked leaves are split along axis 0 into chunks of about this size
+# Uncompressed: trained weights barely compress (zstd-1 saves ~20% of bf16) while compressing
+# would double the conversion's CPU time.
 CONFIG_FILE = "emu2_jax_model.json"  # the model config next to the arrays (checkpointing.load_pretrained)
 
 
@@ -62,6 +64,65 @@ def source_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _safetensors_header(file: pathlib.Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """{key: (dtype, shape, begin, end)} with absolute byte offsets, checked against the file's size.
+
+    Read directly rather than through `safe_open`, whose memory map keeps every page read resident:
+    the converter's RSS would grow to the checkpoint's size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length <= 0 or 8 + length > size:
+            raise ValueError(f"header length {length} does not fit in the file's {size} bytes")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
+        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+        begin, end = (8 + length + offset for offset in info["data_offsets"])
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or end > size:
+            raise ValueError(f"tensor {key!r} ends at byte {end}, past the end of the file ({size} bytes): truncated"
+                             if end > size else f"tensor {key!r}: byte range does not match its shape {shape}")
+        entries[key] = (dtype, shape, begin, end)
+    return entries
+
+
+def _read_safetensor(file: pathlib.Path, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int
+                     ) -> np.ndarray:
+    out = np.empty(shape, dtype)
+    with open(file, "rb", buffering=0) as f:
+        f.seek(begin)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+            raise ValueError("file shorter than its header says (truncated)")
+    return out
+
+
+# Exponent field of each float width: all ones means Inf or NaN. (bfloat16 is 2 bytes like float16.)
+_EXPONENT = {"bfloat16": (np.int16, 0x7F80), "float16": (np.int16, 0x7C00), "float32": (np.int32, 0x7F800000),
+             "float64": (np.int64, 0x7FF0000000000000)}
+
+
+def _count_nonfinite(tensor: np.ndarray) -> int:
+    """NaN/Inf values, found by the largest masked exponent field (torch, multithreaded): 4x faster
+    than torch.isfinite on bfloat16, 8x faster than numpy; counted only when there are some."""
+    import torch
+
+    if str(tensor.dtype) not in _EXPONENT:
+        return 0
+    bits, mask = _EXPONENT[str(tensor.dtype)]
+    exponents = torch.from_numpy(tensor.view(bits)) & mask
+    if tensor.size == 0 or int(exponents.amax()) != mask:
+        return 0
+    return int((exponents == mask).sum())
+
+
 class Source:
     """Lazy `{key: tensor}` over checkpoint files; `get(key)` reads one tensor as numpy."""
 
@@ -79,15 +140,8 @@ class Source:
     def _open(self, file: pathlib.Path) -> None:
         try:
             if file.name.endswith(".safetensors"):
-                from safetensors import safe_open  # torch tensors: their bf16 maps to numpy without a copy
-
-                handle = safe_open(str(file), framework="pt")
-                for key in handle.keys():  # noqa: SIM118 (safetensors' handle is not a dict)
-                    meta = handle.get_slice(key)
-                    shape = tuple(meta.get_shape())
-                    itemsize = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}.get(
-                        meta.get_dtype(), 2)
-                    self._add(file, handle, key, shape, int(np.prod(shape)) * itemsize)
+                for key, (dtype, shape, begin, end) in _safetensors_header(file).items():
+                    self._add(file, (dtype, shape, begin, end), key, shape, end - begin)
                 return
             import torch  # convert-only dependency
 
@@ -122,11 +176,11 @@ class Source:
         """The tensor as float32 / its own numpy dtype (bfloat16 stays ml_dtypes.bfloat16)."""
         file, handle = self.where[key]
         try:
-            tensor = _numpy(handle[key] if isinstance(handle, dict) else handle.get_tensor(key))
+            tensor = _numpy(handle[key]) if isinstance(handle, dict) else _read_safetensor(file, *handle)
         except Exception as e:
             raise ValueError(f"{file}: cannot read tensor {key!r} ({_first_line(e)})") from e
-        if not self.allow_nonfinite and (tensor.dtype.kind == "f" or str(tensor.dtype) == "bfloat16"):
-            bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+        if not self.allow_nonfinite:
+            bad = _count_nonfinite(tensor)
             if bad:
                 raise ValueError(f"{file}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.size}; pass "
                                  f"--allow_nonfinite to convert anyway")
@@ -174,7 +228,7 @@ class ParamsWriter:
 
         spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.tmp / ".".join(path))},
                 "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(self.dtype),
-                             "compressor": {"id": "zstd", "level": 1}, "dimension_separator": "."}}
+                             "compressor": None, "dimension_separator": "."}}
         return ts.open(spec, create=True).result()
 
     def write(self, path: tuple[str, ...], value: np.ndarray, slot: int | None = None, slots: int = 0) -> None:

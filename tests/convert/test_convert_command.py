@@ -215,3 +215,16 @@ def test_command_existing_output_and_overwrite(tmp_path, states, expected):
     assert "layout native" in result.stdout and "GB/s" in result.stdout and "ETA" in result.stdout
     assert not (out / "keep").exists()
     _check(out, expected, ["emu2"])
+
+
+def test_nonfinite_tensors_refused_unless_allowed(tmp_path, states):
+    state = dict(states["emu2"])
+    norm = state["decoder.lm.model.norm.weight"].copy()
+    norm[[3, 7]] = [np.nan, -np.inf]
+    path = _native(tmp_path, dict(state, **{"decoder.lm.model.norm.weight": norm}))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'decoder.lm.model.norm.weight' holds 2 NaN/Inf "
+                                         r"value\(s\) of 128; pass --allow_nonfinite"):
+        convert(path, str(tmp_path / "out"))
+    convert(path, str(tmp_path / "out"), allow_nonfinite=True)
+    _, params = checkpointing.load_pretrained(str(tmp_path / "out"))
+    assert np.isnan(params["llm"]["norm"]["scale"][3]) and np.isneginf(params["llm"]["norm"]["scale"][7])
