@@ -77,6 +77,21 @@ def emu2_config_from_hf(cfg: dict, where: str) -> Emu2Config:
         raise ValueError(f"{where}: not an Emu2 config.json ({type(e).__name__}: {e})") from None
 
 
+def emu2_config_to_hf(config: Emu2Config) -> dict:
+    """The HF `EmuConfig` fields `emu2_config_from_hf` reads back into `config` (export's config.json)."""
+    vc, lc = config.vision, config.llm
+    chat = lc.vocab_size - _NUM_ADDED - _NUM_CHAT + _IMAGE_OFFSET == config.image_token_id
+    return {"architectures": ["EmuForCausalLM"], "model_type": "emu", "model_version": "chat" if chat else "base",
+            "vocab_size": lc.vocab_size, "hidden_size": lc.hidden_size, "intermediate_size": lc.intermediate_size,
+            "num_hidden_layers": lc.num_layers, "num_attention_heads": lc.num_heads,
+            "num_key_value_heads": lc.num_kv_heads, "rms_norm_eps": lc.rms_norm_eps, "rope_theta": lc.rope_theta,
+            "max_position_embeddings": lc.max_cache_length,
+            "vision_config": {"image_size": vc.image_size, "patch_size": vc.patch_size, "width": vc.width,
+                              "layers": vc.depth, "head_width": vc.head_dim, "mlp_ratio": vc.mlp_dim / vc.width,
+                              "qkv_bias": vc.qkv_bias, "postnorm": vc.post_norm, "layer_norm_eps": vc.layer_norm_eps,
+                              "n_query": config.n_query, "v_query": config.v_query}}
+
+
 def _emu2_config(folder: pathlib.Path, model: str) -> Emu2Config:
     if model != "auto":
         return presets.get_config(model)

@@ -20,6 +20,7 @@ import os
 import pathlib
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -293,7 +294,9 @@ def _contiguous(value: np.ndarray) -> np.ndarray:
     if min(value.strides, default=0) < 0:
         return np.ascontiguousarray(value)
     bits = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[value.dtype.itemsize]
-    return torch.from_numpy(value.view(bits)).contiguous().numpy().view(value.dtype)
+    with warnings.catch_warnings():  # a read-only view (restored params) is only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(value.view(bits)).contiguous().numpy().view(value.dtype)
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
