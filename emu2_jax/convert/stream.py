@@ -227,7 +227,9 @@ class ParamsWriter:
     def _create(self, path: tuple[str, ...], shape: tuple[int, ...], chunks: list[int]) -> Any:
         import tensorstore as ts
 
+        # No fsync per chunk (it halves the write speed): `commit` syncs every file once, before the rename.
         spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.tmp / ".".join(path))},
+                "context": {"file_io_sync": False},
                 "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(self.dtype),
                              "compressor": None, "dimension_separator": "."}}
         return ts.open(spec, create=True).result()
@@ -267,6 +269,10 @@ class ParamsWriter:
              "commit_timestamp_nsecs": now, "custom_metadata": {}}))
         (self.tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=1))
         (self.tmp / "commit_success.txt").write_text("Checkpoint commit was successful.")
+        for file in self.tmp.rglob("*"):  # on disk before the rename makes the checkpoint look complete
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
         if self.dst.exists():  # --overwrite (checked by the caller): replaced only now, when complete
             shutil.rmtree(self.dst)
         self.tmp.rename(self.dst)
