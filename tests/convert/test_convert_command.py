@@ -5,6 +5,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -228,3 +229,16 @@ def test_nonfinite_tensors_refused_unless_allowed(tmp_path, states):
     convert(path, str(tmp_path / "out"), allow_nonfinite=True)
     _, params = checkpointing.load_pretrained(str(tmp_path / "out"))
     assert np.isnan(params["llm"]["norm"]["scale"][3]) and np.isneginf(params["llm"]["norm"]["scale"][7])
+
+
+def test_train_config_takes_the_model_from_a_converted_init_from(tmp_path, states):
+    from configs import stage1
+    from emu2_jax.tasks import llm
+
+    convert(_native(tmp_path, states["emu2"]), str(tmp_path / "out"))
+    config = stage1.get_config("tiny")
+    config.model = "small"  # replaced by the checkpoint's model
+    config.init_from = str(tmp_path / "out")
+    config.model_overrides.dtype = "bfloat16"
+    model = llm.model_config(config)
+    assert model.llm.hidden_size == 128 and model.vision.width == 64 and model.llm.dtype == jnp.bfloat16
