@@ -115,8 +115,6 @@ def _count_nonfinite(tensor: np.ndarray) -> int:
     than torch.isfinite on bfloat16, 8x faster than numpy; counted only when there are some."""
     import torch
 
-    if str(tensor.dtype) not in _EXPONENT:
-        return 0
     bits, mask = _EXPONENT[str(tensor.dtype)]
     exponents = torch.from_numpy(tensor.view(bits)) & mask
     if tensor.size == 0 or int(exponents.amax()) != mask:
@@ -180,6 +178,8 @@ class Source:
             tensor = _numpy(handle[key]) if isinstance(handle, dict) else _read_safetensor(file, *handle)
         except Exception as e:
             raise ValueError(f"{file}: cannot read tensor {key!r} ({_first_line(e)})") from e
+        if str(tensor.dtype) not in _EXPONENT:  # every Emu2 / UNet / VAE parameter is a float
+            raise ValueError(f"{file}: tensor {key!r} has dtype {tensor.dtype}, not a float type")
         if not self.allow_nonfinite:
             bad = _count_nonfinite(tensor)
             if bad:

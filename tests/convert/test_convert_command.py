@@ -174,6 +174,7 @@ def _native(tmp_path, state, name="model.safetensors"):
     ("missing", r"checkpoint has no 'decoder.lm.model.layers.1.mlp.up_proj.weight'"),
     ("extra", r"1 key\(s\) that no component reads: \['decoder.extra.weight'\].*--allow_unused_keys"),
     ("misshapen", r"decoder.lm.model.layers.0.mlp.down_proj.weight: shape \(128, 255\), expected \(128, 256\)"),
+    ("int", r"model.safetensors: tensor 'decoder.lm.model.norm.weight' has dtype int32, not a float type"),
 ])
 def test_bad_keys_are_named_and_leave_nothing(tmp_path, states, change, message):
     state = dict(states["emu2"])
@@ -181,8 +182,10 @@ def test_bad_keys_are_named_and_leave_nothing(tmp_path, states, change, message)
         del state["decoder.lm.model.layers.1.mlp.up_proj.weight"]
     elif change == "extra":
         state["decoder.extra.weight"] = np.zeros(3, np.float32)
-    else:
+    elif change == "misshapen":
         state["decoder.lm.model.layers.0.mlp.down_proj.weight"] = np.zeros((128, 255), np.float32)
+    else:
+        state["decoder.lm.model.norm.weight"] = np.ones(128, np.int32)
     with pytest.raises(ValueError, match=message):
         convert(_native(tmp_path, state), str(tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
