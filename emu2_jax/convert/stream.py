@@ -3,7 +3,8 @@ that puts each converted tensor straight into an Orbax params checkpoint on disk
 
 `Source` opens every file once (safetensors headers; `.bin` files memory-mapped with
 `torch.load(weights_only=True, mmap=True)`) and reads a tensor only when it is asked for, so host
-memory holds a few tensors, never the model. It records which keys were read, for the final
+memory holds a few tensors, never the model. (Safetensors data is read with plain reads; the pages
+of a memory-mapped `.bin` count towards RSS once read, though the kernel may drop them.) It records which keys were read, for the final
 "every source key consumed or ignored" check.
 
 `ParamsWriter` writes the format `checkpointing.load_params` / `load_pretrained` read: an Orbax

@@ -245,3 +245,20 @@ def test_train_config_takes_the_model_from_a_converted_init_from(tmp_path, state
     config.model_overrides.dtype = "bfloat16"
     model = llm.model_config(config)
     assert model.llm.hidden_size == 128 and model.vision.width == 64 and model.llm.dtype == jnp.bfloat16
+
+
+def test_emu1_and_unknown_layouts_are_refused(tmp_path):
+    save_file({"cformer.query": np.zeros((2, 4), np.float32), "visual.cls_token": np.zeros(4, np.float32)},
+              str(tmp_path / "emu1.safetensors"))
+    with pytest.raises(ValueError, match=r"an Emu \(v1\) checkpoint .*not implemented.*docs/model.md"):
+        convert(str(tmp_path / "emu1.safetensors"), str(tmp_path / "out"))
+    save_file({"encoder.weight": np.zeros(4, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"other.safetensors: unknown layout \(first keys \['encoder.weight'\]\)"):
+        convert(str(tmp_path / "other.safetensors"), str(tmp_path / "out"))
+    bare = tmp_path / "bare"  # native keys, no config.json
+    bare.mkdir()
+    save_file({"visual.cls_token": np.zeros(4, np.float32), "decoder.lm.lm_head.weight": np.zeros(4, np.float32)},
+              str(bare / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"bare: no config.json to size the model from; pass --model=<preset>"):
+        convert(str(bare), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
