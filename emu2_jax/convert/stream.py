@@ -4,8 +4,8 @@ that puts each converted tensor straight into an Orbax params checkpoint on disk
 `Source` opens every file once (safetensors headers; `.bin` files memory-mapped with
 `torch.load(weights_only=True, mmap=True)`) and reads a tensor only when it is asked for, so host
 memory holds a few tensors, never the model. (Safetensors data is read with plain reads; the pages
-of a memory-mapped `.bin` count towards RSS once read, though the kernel may drop them.) It records which keys were read, for the final
-"every source key consumed or ignored" check.
+of a memory-mapped `.bin` count towards RSS once read, though the kernel may drop them.) It records
+which keys were read, for the final "every source key consumed or ignored" check.
 
 `ParamsWriter` writes the format `checkpointing.load_params` / `load_pretrained` read: an Orbax
 PyTree checkpoint without OCDBT (one zarr array per leaf, named by its '.'-joined path, plus
@@ -245,12 +245,10 @@ class ParamsWriter:
             else:
                 self.leaves[path] = self._create(path, (slots, *value.shape), [1, *value.shape])
             self.filled[path], self.slots[path] = set(), slots
-        if slot is None:
-            self.leaves[path].write(value).result()
-            self.filled[path].add(0)
-        else:
-            self.leaves[path][slot].write(value).result()
-            self.filled[path].add(slot)
+        # The write is awaited and `value` never changes: TensorStore may use it without its own copy.
+        target = self.leaves[path] if slot is None else self.leaves[path][slot]
+        target.write(value, can_reference_source_data_indefinitely=True).result()
+        self.filled[path].add(0 if slot is None else slot)
 
     def commit(self, model_config: dict) -> None:
         incomplete = [".".join(p) + f" (layers {sorted(set(range(self.slots[p])) - f)})"
