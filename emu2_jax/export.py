@@ -8,7 +8,8 @@ Layouts (docs/model.md#checkpoint-layouts):
              `vae/config.json`
   hf         BAAI/Emu2 keys (`model.visual.`, `model.decoder.lm.`), Emu2 only
   diffusers  folders: `multimodal_encoder/` (hf keys), `unet/`, `vae/` with diffusers file names
-Each folder gets safetensors shards of at most `--max_shard_gb` with `<name>.safetensors.index.json`,
+Each folder gets safetensors shards of at most `--max_shard_gb` (with `<name>.safetensors.index.json`
+when there is more than one),
 and its `config.json` (HF `EmuConfig` fields, or the diffusers config the checkpoint was made from).
 Every conversion rule is inverted exactly (transposes and reshapes only), so source -> convert ->
 export gives back the same bytes. Unlike the converter, export restores the whole params tree with
@@ -109,7 +110,7 @@ class ShardWriter:
     def __init__(self, folder: pathlib.Path, name: str, max_bytes: int):
         self.folder, self.name, self.max_bytes = folder, name, max_bytes
         folder.mkdir(parents=True, exist_ok=True)
-        self.shards: list[dict[str, np.ndarray]] = []
+        self.written = 0  # shards flushed so far
         self.current: dict[str, np.ndarray] = {}
         self.size = 0
         self.weight_map: dict[str, int] = {}
@@ -120,7 +121,7 @@ class ShardWriter:
         if self.current and self.size + value.nbytes > self.max_bytes:
             self._flush()
         self.current[key], self.size = value, self.size + value.nbytes
-        self.weight_map[key], self.total = len(self.shards), self.total + value.nbytes
+        self.weight_map[key], self.total = self.written, self.total + value.nbytes
 
     def _flush(self) -> None:
         import torch
@@ -131,14 +132,14 @@ class ShardWriter:
                 return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(a)
 
-        index = len(self.shards)
-        save_file({k: to_torch(v) for k, v in self.current.items()}, str(self.folder / f"{self.name}.part{index}"))
-        self.shards.append({})  # written; only its number is kept
+        save_file({k: to_torch(v) for k, v in self.current.items()},
+                  str(self.folder / f"{self.name}.part{self.written}"))  # named once the count is known
+        self.written += 1
         self.current, self.size = {}, 0
 
     def close(self) -> None:
         self._flush()
-        stem, n = self.name.removesuffix(".safetensors"), len(self.shards)
+        stem, n = self.name.removesuffix(".safetensors"), self.written
         names = [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else self.name for i in range(n)]
         for i, name in enumerate(names):
             (self.folder / f"{self.name}.part{i}").rename(self.folder / name)
