@@ -4,7 +4,8 @@ r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-s
         [--steps=50 --guidance=3.0 --seed=0]
 
 `--checkpoint` is a decoder-stage training workdir, its `checkpoints/` folder or one step's folder
-in it (the latest step is used for the first two). The image is resized (squash) and normalised for
+in it (the latest step is used for the first two), or an Emu2-Gen checkpoint converted by
+`python -m emu2_jax.convert` (its own model config is used). The image is resized (squash) and normalised for
 the encoder; its pooled embeddings condition Euler sampling with classifier-free guidance against
 the zero-image encoding (docs/model.md#image-generation, #visual-decoder); the VAE decodes the latents and the
 PNG is written at the decoder's resolution.
@@ -62,6 +63,27 @@ def load_decoder(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, visua
     return config, task.model, restored["params"]
 
 
+def load_converted(path: epath.Path) -> tuple[visual_decoder.VisualDecoderModel, Any] | None:
+    """(model, params) of a converted Emu2-Gen checkpoint (`python -m emu2_jax.convert`: its model
+    config and `visual`, `unet`, `vae` params), or None when `path` is not one. The decoder's
+    resolution is the UNet's `sample_size` latents times the VAE's downsampling."""
+    from emu2_jax.convert.stream import CONFIG_FILE
+
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    model_config, params = checkpointing.load_pretrained(str(path))
+    missing = [part for part in ("emu2", "unet", "vae") if part not in model_config]
+    if missing:
+        raise SystemExit(f"--checkpoint={path}: a converted checkpoint without {missing}; convert Emu2-Gen "
+                         f"(encoder, UNet and VAE) to autoencode")
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    emu2_cfg, vae_cfg = model_config["emu2"], model_config["vae"]
+    config = visual_decoder.DecoderModelConfig(
+        vision=emu2_cfg.vision, unet=model_config["unet"], vae=vae_cfg, n_query=emu2_cfg.n_query,
+        decoder_image_size=int(saved["unet"].get("sample_size", 128)) * vae_cfg.downsample_factor)
+    return visual_decoder.VisualDecoderModel(config), {k: params[k] for k in ("visual", "unet", "vae")}
+
+
 def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """(normalised encoder pixels [1, size, size, 3], original (height, width)); SystemExit if unreadable."""
     try:
@@ -88,11 +110,17 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
                seed: int = 0) -> dict[str, Any]:
     """Writes the reconstruction of `image` to `out` (PNG); returns what was done (for printing)."""
     check_arguments(out, steps)
-    step_dir = find_checkpoint(checkpoint)
-    config, model, params = load_decoder(step_dir)
+    converted = load_converted(epath.Path(checkpoint).absolute())
+    if converted is None:
+        step_dir = find_checkpoint(checkpoint)
+        config, model, params = load_decoder(step_dir)
+        source = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage}
+    else:
+        model, params = converted
+        source = {"checkpoint": checkpoint, "step": None, "stage": "converted"}
     pixels, original = read_image(image, model.config.vision.image_size)
     logging.info("Checkpoint %s (step %s); encoder %d px, %d tokens; decoder %d px; %d Euler steps, guidance %.2f",
-                 step_dir, step_dir.name, model.config.vision.image_size, model.config.n_query,
+                 source["checkpoint"], source["step"], model.config.vision.image_size, model.config.n_query,
                  model.config.decoder_image_size, steps, guidance)
     started = time.perf_counter()
     decoded = visual_decoder.sample_images(model, params, jax.numpy.asarray(pixels), jax.random.key(seed),
@@ -100,8 +128,7 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
     result = visual_decoder.to_uint8(jax.device_get(decoded))[0]
     epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result).save(out, format="PNG")
-    info = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage, "out": out,
-            "size": result.shape[:2], "seconds": time.perf_counter() - started}
+    info = {**source, "out": out, "size": result.shape[:2], "seconds": time.perf_counter() - started}
     logging.info("Wrote %s (%dx%d) in %.1fs.", out, result.shape[1], result.shape[0], info["seconds"])
     return info
 

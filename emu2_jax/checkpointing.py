@@ -245,6 +245,75 @@ def _resize_pos_embed(table: jax.Array, num_positions: int) -> jax.Array:
     return jnp.concatenate([table[:, :1], grid.reshape(1, new_grid ** 2, -1).astype(table.dtype)], axis=1)
 
 
+def _saved_tree(checkpointer: ocp.PyTreeCheckpointer, directory: epath.Path, prefix: tuple[str, ...]) -> PyTree:
+    """The saved params' metadata tree (leaves with .shape and .dtype)."""
+    saved = checkpointer.metadata(directory)
+    saved = getattr(saved, "item_metadata", saved)
+    saved = getattr(saved, "tree", saved)
+    for key in prefix:
+        saved = saved[key]
+    return saved
+
+
+def _fsdp_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The array split over every device of `mesh` along its largest dimension they divide
+    (replicated if none): a layout that fits any model, for callers without logical axes."""
+    spec: list[Any] = [None] * len(shape)
+    fits = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % mesh.size == 0]
+    if fits:
+        spec[fits[0]] = tuple(mesh.axis_names)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _model_config(path: epath.Path, directory: epath.Path, prefix: tuple[str, ...]) -> dict[str, Any]:
+    """{"emu2": Emu2Config, "unet": UNetConfig, "vae": VAEConfig} (those present) of a converted
+    checkpoint, or {"emu2" | "decoder": config} of a training run (from its saved run config)."""
+    from emu2_jax.convert.stream import CONFIG_FILE
+
+    if (path / CONFIG_FILE).is_file():
+        from emu2_jax.convert.layouts import emu2_config_from_json
+        from emu2_jax.models.unet import unet_config_from_diffusers
+        from emu2_jax.models.vae import vae_config_from_diffusers
+
+        saved = json.loads((path / CONFIG_FILE).read_text())
+        dtype = {"param_dtype": jnp.dtype(saved["dtype"])}
+        build = {"emu2": emu2_config_from_json, "unet": lambda c: unet_config_from_diffusers(c, **dtype),
+                 "vae": lambda c: vae_config_from_diffusers(c, **dtype)}
+        return {k: fn(saved[k]) for k, fn in build.items() if k in saved}
+    if prefix:
+        run_file = directory.parent / "config" / "config.json"
+        if not run_file.is_file():
+            raise ValueError(f"{path}: training checkpoint without its run config ({run_file})")
+        from emu2_jax.tasks import decoder, llm
+
+        run = ml_collections.ConfigDict(json.loads(run_file.read_text()))
+        if run.get("task", "llm") == "decoder":
+            return {"decoder": decoder.model_config(run)}
+        return {"emu2": llm.model_config(run)}
+    raise ValueError(f"{path}: neither a converted checkpoint (no {CONFIG_FILE}) nor a training run")
+
+
+def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, params) of a converted checkpoint (`python -m emu2_jax.convert`), an
+    `init_from` directory or a training workdir (its latest step), all in one call.
+
+    The model config is a dict: {"emu2": Emu2Config, "unet": UNetConfig, "vae": VAEConfig} with the
+    parts present (a training run: {"emu2"} or {"decoder": DecoderModelConfig}). Without `mesh` the
+    params land on the first device; with one, each array is restored straight into shards over all
+    of the mesh's devices (split along its largest dimension they divide), never whole on one host.
+    """
+    root = epath.Path(path).absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    directory, prefix = _params_source(root)
+    model_config = _model_config(root, directory, prefix)
+    saved = _saved_tree(ocp.PyTreeCheckpointer(), directory, prefix)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        tuple(m.shape), m.dtype, sharding=device if mesh is None else _fsdp_sharding(tuple(m.shape), mesh)), saved)
+    return model_config, load_params(str(root), abstract, list(saved))
+
+
 def load_params(path: str, abstract_params: Mapping[str, Any], components: Sequence[str]) -> dict[str, Any]:
     """Restores the given top-level components of a params-only checkpoint (or of a training run).
 
@@ -254,11 +323,7 @@ def load_params(path: str, abstract_params: Mapping[str, Any], components: Seque
     """
     directory, prefix = _params_source(epath.Path(path).absolute())
     checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(directory)
-    saved = getattr(saved, "item_metadata", saved)
-    saved = getattr(saved, "tree", saved)
-    for key in prefix:
-        saved = saved[key]
+    saved = _saved_tree(checkpointer, directory, prefix)
     missing = [c for c in components if c not in saved]
     if missing:
         raise ValueError(f"init_from={path}: no component(s) {missing} in the checkpoint (has {sorted(saved)}); "

@@ -244,3 +244,14 @@ def test_a_corrupt_latest_checkpoint_stops_the_run_or_falls_back(trained_workdir
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "5"]
     (set_aside,) = os.listdir(workdir / "corrupt_checkpoints")
     assert set_aside.startswith("4")
+
+
+def test_load_pretrained_from_a_training_workdir(trained_workdir):
+    """The run's model config (from its saved run config) and its latest step's params, in one call."""
+    model_config, params = checkpointing.load_pretrained(str(trained_workdir))
+    assert list(model_config) == ["emu2"] and model_config["emu2"].llm.num_layers == 2
+    assert sorted(params) == ["connector", "llm", "project_down", "visual"]
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+    again = checkpointing.load_params(str(trained_workdir / "checkpoints"), abstract, sorted(params))
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+    assert params["llm"]["layers"]["attn"]["q"]["kernel"].shape == (2, 128, 4, 32)

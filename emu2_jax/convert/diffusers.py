@@ -31,18 +31,25 @@ _SCANNED = "transformer_blocks"
 
 def convert_unet(state_dict: Mapping[str, np.ndarray], config: UNetConfig, prefix: str = "") -> Params:
     """Flax params for `UNet(config)` from a diffusers UNet state dict (keys after `prefix`, e.g. "unet.")."""
-    model = UNet(config)
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), **unet_dummy_inputs(config)))["params"]
-    return _convert(state_dict, nn.unbox(target), prefix, config.param_dtype, "UNet")
+    return _convert(state_dict, unet_target(config), prefix, config.param_dtype, "UNet")
 
 
 def convert_vae(state_dict: Mapping[str, np.ndarray], config: VAEConfig, prefix: str = "") -> Params:
     """Flax params for `AutoencoderKL(config)` from a diffusers AutoencoderKL state dict."""
-    model = AutoencoderKL(config)
+    return _convert(state_dict, vae_target(config), prefix, config.param_dtype, "VAE")
+
+
+def unet_target(config: UNetConfig) -> Params:
+    """`UNet(config)`'s params as ShapeDtypeStructs (nothing allocated)."""
+    model = UNet(config)
+    return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), **unet_dummy_inputs(config)))["params"])
+
+
+def vae_target(config: VAEConfig) -> Params:
+    """`AutoencoderKL(config)`'s params as ShapeDtypeStructs (nothing allocated)."""
     size = config.downsample_factor
-    sample = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), sample))["params"]
-    return _convert(state_dict, nn.unbox(target), prefix, config.param_dtype, "VAE")
+    sample = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+    return nn.unbox(jax.eval_shape(lambda s: AutoencoderKL(config).init(jax.random.key(0), s), sample)["params"])
 
 
 def _torch_stem(path: tuple[str, ...]) -> str:

@@ -1,10 +1,10 @@
-"""A whole Emu2 / Emu2-Chat checkpoint -> `Emu2Model` params, and a command that writes them as
-an `init_from` checkpoint for training.
+"""A whole Emu2 / Emu2-Chat state dict in memory -> `Emu2Model` params (the reference the streaming
+`python -m emu2_jax.convert` is tested against), and the old command, now an alias of that one:
 
     python -m emu2_jax.convert.emu2 --checkpoint=DIR_OR_FILE --model=emu2_37b --out=/ckpt/emu2 \
         [--layout=native|hf] [--param_dtype=bfloat16]
 
-`--checkpoint` is a `.safetensors` file, a `.bin`/`.pt` file (read with
+`load_state_dict` reads a `.safetensors` file, a `.bin`/`.pt` file (read with
 `torch.load(weights_only=True)`: nothing arbitrary is unpickled; needs the `convert` extra), or a
 directory holding either kind (all shards are read).
 
@@ -145,27 +145,27 @@ def load_state_dict(path: str, *, allow_nonfinite: bool = False) -> dict[str, np
 
 
 def main(argv):
+    """The old command, now a thin alias of the streaming `python -m emu2_jax.convert` (the layout is
+    detected, so `--layout` only has to agree with it)."""
     del argv
-    from emu2_jax import checkpointing
+    from emu2_jax.convert.__main__ import convert
 
     args = flags.FLAGS
-    # Before reading: a 37B checkpoint takes long to read, and Orbax would refuse the output only then.
     if pathlib.Path(args.out).exists():
         raise SystemExit(f"--out={args.out}: already exists; choose a new directory")
-    config = presets.get_config(args.model, param_dtype=args.param_dtype)
     try:
-        state_dict = load_state_dict(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
-        params = convert_emu2(state_dict, config, layout=args.layout, allow_unused_keys=args.allow_unused_keys)
+        layout = convert(args.checkpoint, args.out, model=args.model, dtype=args.param_dtype,
+                         allow_unused_keys=args.allow_unused_keys, allow_nonfinite=args.allow_nonfinite)
     except (ValueError, FileNotFoundError) as e:  # messages name the file / key and what is wrong
         raise SystemExit(str(e)) from None
-    checkpointing.save_params(args.out, params)
-    print(f"wrote {args.out}: use --config.init_from={args.out}")
+    if layout != args.layout:
+        print(f"note: --layout={args.layout}, but the checkpoint is in the {layout} layout (converted as such)")
 
 
 def _define_flags() -> None:
     """Only when run as a command, so importing this module defines no flags."""
     flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file or directory", required=True)
-    flags.DEFINE_string("model", "emu2_37b", f"preset, one of {sorted(presets.PRESETS)}")
+    flags.DEFINE_string("model", "emu2_37b", f"preset, one of {sorted(presets.PRESETS)}, or auto (config.json)")
     flags.DEFINE_enum("layout", "native", sorted(LAYOUTS), "key layout of the checkpoint")
     flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "dtype of the saved params")
     flags.DEFINE_string("out", None, "output directory (an init_from checkpoint)", required=True)

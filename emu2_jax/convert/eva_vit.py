@@ -17,7 +17,7 @@ Any other key under `prefix` is an error.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,24 +107,32 @@ def _cast(tree: dict, dtype) -> dict:
     return np.ascontiguousarray(tree).astype(dtype, copy=False)
 
 
-def convert_eva_vit(state_dict: Mapping[str, np.ndarray], config: VisionConfig, prefix: str = "") -> dict:
-    """Returns the `params` tree of `EvaVisionTransformer(config)` (numpy arrays in `config.param_dtype`)."""
-    cfg = config
-    read = _Reader(state_dict, prefix)
+def eva_top(read: _Reader, cfg: VisionConfig) -> dict:
+    """The tower's parameters outside the blocks (the streaming converter reads blocks one at a time)."""
     e, p = cfg.width, cfg.patch_size
-    params = {
+    top = {
         # Conv2d weight [out, in, kh, kw] -> Flax Conv kernel [kh, kw, in, out].
         "patch_embed": {"kernel": read("patch_embed.proj.weight", (e, 3, p, p)).transpose(2, 3, 1, 0),
                         "bias": read("patch_embed.proj.bias", (e,))},
         "cls_token": read("cls_token", (1, 1, e)),
         "pos_embed": read("pos_embed", (1, 1 + cfg.num_patches, e)),
-        "blocks": _stack([_block(read, i, cfg) for i in range(cfg.depth)]),
     }
     if cfg.final_norm:
-        params["norm"] = _layer_norm(read, "norm", e)
+        top["norm"] = _layer_norm(read, "norm", e)
+    return top
 
-    unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in read.used
-                        and not _IGNORED.fullmatch(k[len(prefix):]))
+
+def unexpected_eva_keys(keys: Iterable[str], prefix: str, used: set[str]) -> list[str]:
+    """Keys under `prefix` that were not read and are not ignored on purpose."""
+    return sorted(k for k in keys if k.startswith(prefix) and k not in used and not _IGNORED.fullmatch(k[len(prefix):]))
+
+
+def convert_eva_vit(state_dict: Mapping[str, np.ndarray], config: VisionConfig, prefix: str = "") -> dict:
+    """Returns the `params` tree of `EvaVisionTransformer(config)` (numpy arrays in `config.param_dtype`)."""
+    cfg = config
+    read = _Reader(state_dict, prefix)
+    params = {**eva_top(read, cfg), "blocks": _stack([_block(read, i, cfg) for i in range(cfg.depth)])}
+    unexpected = unexpected_eva_keys(state_dict, prefix, read.used)
     if unexpected:
         raise ValueError(f"EVA state dict has unexpected keys under prefix {prefix!r} for this config: "
                          f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")

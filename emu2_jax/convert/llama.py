@@ -32,15 +32,15 @@ from emu2_jax.models.llama import LlamaConfig
 _INV_FREQ = ".self_attn.rotary_emb.inv_freq"
 
 
-def convert_llama(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, prefix: str = "") -> dict:
-    """Returns the `LlamaDecoder` params tree (numpy arrays in `config.param_dtype`).
+Entry = tuple[str, tuple[int, ...], tuple[str, ...], Callable[[np.ndarray], np.ndarray]]
 
-    Raises ValueError on missing or unexpected keys under `{prefix}model.` / `{prefix}lm_head.` and on
-    shape mismatches, naming the key and shapes.
-    """
+
+def llama_entries(config: LlamaConfig) -> tuple[list[Entry], list[Entry]]:
+    """(per-layer entries, top-level entries): (HF key suffix, HF shape, Flax path, conversion).
+    Per-layer entries are stacked on axis 0 of their Flax leaf; the streaming converter writes them
+    one layer slot at a time."""
     c = config
-    d, hd, f, v, n = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size, c.num_layers
-    dtype = np.dtype(c.param_dtype)
+    d, hd, f, v = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
 
     def transpose_to(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
         return lambda w: w.T.reshape(shape)
@@ -48,7 +48,6 @@ def convert_llama(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, pre
     def keep(w: np.ndarray) -> np.ndarray:
         return w
 
-    # (HF key suffix, HF shape, flax path, conversion); per-layer entries are stacked on axis 0.
     layer_entries = [
         ("input_layernorm.weight", (d,), ("input_norm", "scale"), keep),
         ("self_attn.q_proj.weight", (c.num_heads * hd, d), ("attn", "q", "kernel"),
@@ -69,6 +68,18 @@ def convert_llama(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, pre
         ("model.norm.weight", (d,), ("norm", "scale"), keep),
         ("lm_head.weight", (v, d), ("lm_head", "kernel"), transpose_to(d, v)),
     ]
+    return layer_entries, top_entries
+
+
+def convert_llama(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, prefix: str = "") -> dict:
+    """Returns the `LlamaDecoder` params tree (numpy arrays in `config.param_dtype`).
+
+    Raises ValueError on missing or unexpected keys under `{prefix}model.` / `{prefix}lm_head.` and on
+    shape mismatches, naming the key and shapes.
+    """
+    n = config.num_layers
+    dtype = np.dtype(config.param_dtype)
+    layer_entries, top_entries = llama_entries(config)
 
     expected = {prefix + key: shape for key, shape, _, _ in top_entries}
     for i in range(n):

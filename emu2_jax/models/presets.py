@@ -91,7 +91,11 @@ def _coerce(field: str, value: Any) -> Any:
 def get_config(name: str, **overrides: Any) -> Emu2Config:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
-    config = PRESETS[name]()
+    return apply_overrides(PRESETS[name](), name, **overrides)
+
+
+def apply_overrides(config: Emu2Config, name: str, **overrides: Any) -> Emu2Config:
+    """`config` with `overrides` (see the module docstring); `name` is for error messages."""
     for key, value in overrides.items():
         if key in _EVERYWHERE:
             parts = {c: dataclasses.replace(getattr(config, c), **{key: _coerce(key, value)})

@@ -21,6 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from emu2_jax import generate, metrics
 from emu2_jax import sharding as sh
+from emu2_jax.convert.layouts import emu2_config_from_json
+from emu2_jax.convert.stream import CONFIG_FILE
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
@@ -42,8 +44,16 @@ def _flatten_overrides(overrides: ml_collections.ConfigDict, prefix: str = "") -
 
 
 def model_config(config: ml_collections.ConfigDict) -> emu2.Emu2Config:
-    """The preset `config.model` with `config.model_overrides` applied."""
-    return presets.get_config(config.model, **_flatten_overrides(config.model_overrides))
+    """The preset `config.model` with `config.model_overrides` applied; when `config.init_from` is a
+    converted checkpoint (`python -m emu2_jax.convert`), the model it holds replaces the preset."""
+    overrides = _flatten_overrides(config.model_overrides)
+    saved = os.path.join(config.get("init_from") or "", CONFIG_FILE)
+    if config.get("init_from") and os.path.isfile(saved):
+        with open(saved) as f:
+            converted = json.load(f)
+        if "emu2" in converted:
+            return presets.apply_overrides(emu2_config_from_json(converted["emu2"]), config.init_from, **overrides)
+    return presets.get_config(config.model, **overrides)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> tokenizer_lib.Tokenizer:

@@ -1,0 +1,144 @@
+"""Streaming conversion (`python -m emu2_jax.convert`) of a synthetic checkpoint in the real Emu2 key
+layout with full-width tensors (6656-wide LLaMA layers with 17920-wide MLPs and 52 heads, 1792-wide
+EVA blocks with 15360-wide MLPs), fewer layers, several bf16 safetensors shards plus their
+`model.safetensors.index.json` and an HF `config.json`.
+
+For each size (`--sizes`: LLaMA layers; EVA blocks are twice as many) it prints conversion GB/s
+against plain sequential reading of the same files (`ratio_read=<convert/read>`) and the converter's
+peak RSS against the largest single tensor (`rss_over_largest_tensor=<ratio>`). Each conversion runs
+in its own child process, so its peak RSS is its own (it includes the ~0.5 GB of importing JAX).
+Both the read and the conversion find the files in the page cache (just written): the ratio
+compares CPU-side work, not disk speed.
+
+The vocabulary is cut to `--vocab` (default 8192, the real one is 32272) so the checkpoint stays
+around 1.5-3 GB on a small machine; the largest tensor is then an MLP matrix [17920, 6656].
+
+    python benchmarks/convert.py [--sizes=1,2] [--vocab=8192] [--dtype=bfloat16] [--workdir=DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+D, F, HEADS = 6656, 17920, 52           # LLaMA-33B widths
+E, M, IMG = 1792, 15360, 448            # EVA-02-CLIP-E widths, image size
+SHARD_BYTES = 600 << 20
+
+
+def _tensor_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.cls_token": (1, 1, E), "visual.pos_embed": (1, 1 + (IMG // 14) ** 2, E),
+        "visual.patch_embed.proj.weight": (E, 3, 14, 14), "visual.patch_embed.proj.bias": (E,)}
+    for i in range(2 * layers):
+        p = f"visual.blocks.{i}."
+        shapes.update({p + "norm1.weight": (E,), p + "norm1.bias": (E,), p + "norm2.weight": (E,),
+                       p + "norm2.bias": (E,), p + "attn.qkv.weight": (3 * E, E), p + "attn.q_bias": (E,),
+                       p + "attn.v_bias": (E,), p + "attn.proj.weight": (E, E), p + "attn.proj.bias": (E,),
+                       p + "mlp.fc1.weight": (M, E), p + "mlp.fc1.bias": (M,), p + "mlp.fc2.weight": (E, M),
+                       p + "mlp.fc2.bias": (E,)})
+    shapes["decoder.lm.model.embed_tokens.weight"] = (vocab, D)
+    for j in range(layers):
+        p = f"decoder.lm.model.layers.{j}."
+        shapes.update({p + f"self_attn.{n}_proj.weight": (D, D) for n in "qkvo"})
+        shapes.update({p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                       p + "mlp.down_proj.weight": (D, F), p + "input_layernorm.weight": (D,),
+                       p + "post_attention_layernorm.weight": (D,)})
+    shapes.update({"decoder.lm.model.norm.weight": (D,), "decoder.lm.lm_head.weight": (vocab, D),
+                   "project_up.weight": (D, E), "project_down.weight": (E, D)})
+    return shapes
+
+
+def build(folder: str, layers: int, vocab: int) -> tuple[int, int]:
+    """Writes the checkpoint; returns (total bytes, largest tensor bytes) in bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder)
+    shapes = _tensor_shapes(layers, vocab)
+    weight_map, shard, shard_bytes, names = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(folder, name))
+        weight_map.update(dict.fromkeys(shard, name))
+        names.append(name)
+        shard, shard_bytes = {}, 0
+
+    generator = torch.Generator().manual_seed(0)
+    for i, (key, shape) in enumerate(shapes.items()):
+        shard[key] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard_bytes += shard[key].numel() * 2
+        if shard_bytes >= SHARD_BYTES or i == len(shapes) - 1:
+            flush()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    config = {"model_version": "base", "vocab_size": vocab, "hidden_size": D, "intermediate_size": F,
+              "num_hidden_layers": layers, "num_attention_heads": HEADS, "rms_norm_eps": 1e-6,
+              "vision_config": {"image_size": IMG, "patch_size": 14, "width": E, "layers": 2 * layers,
+                                "head_width": 112, "mlp_ratio": M / E, "n_query": 64, "v_query": 64}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    sizes = [2 * int(np.prod(s)) for s in shapes.values()]
+    return sum(sizes), max(sizes)
+
+
+def read_seconds(folder: str) -> float:
+    start = time.perf_counter()
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+_CHILD = """
+import resource, sys, time
+from emu2_jax.convert.__main__ import convert
+start = time.perf_counter()
+convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], log=lambda line: None)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,2", help="LLaMA layers of each checkpoint (EVA blocks: twice)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
+    args = parser.parse_args()
+    root = args.workdir or tempfile.mkdtemp(prefix="convert_bench_")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), ".."), "JAX_PLATFORMS": "cpu"}
+    try:
+        for layers in (int(s) for s in args.sizes.split(",")):
+            src, dst = os.path.join(root, f"src{layers}"), os.path.join(root, f"dst{layers}")
+            total, largest = build(src, layers, args.vocab)
+            read_s = read_seconds(src)
+            out = subprocess.run([sys.executable, "-c", _CHILD, src, dst, args.dtype], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            convert_s, rss = float(out[-2]), int(out[-1])
+            print(f"llama_layers={layers} eva_blocks={2 * layers} shards={len(os.listdir(src)) - 2} "
+                  f"size_gb={total / 1e9:.2f} largest_tensor_gb={largest / 1e9:.3f} "
+                  f"read_gbps={total / read_s / 1e9:.2f} convert_gbps={total / convert_s / 1e9:.2f} "
+                  f"ratio_read={read_s / convert_s:.3f} peak_rss_gb={rss / 1e9:.2f} "
+                  f"rss_over_largest_tensor={rss / largest:.2f}", flush=True)
+            shutil.rmtree(src)
+            shutil.rmtree(dst)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
