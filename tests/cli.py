@@ -15,7 +15,9 @@ def train_command(workdir, *overrides: str) -> list[str]:
             "--config.sample_every_steps=0", *overrides]
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """Runs `command`; the timeout only guards against hangs (a run here takes seconds, but a loaded
+    2-core machine has been seen to stretch one to over 300 s)."""
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
