@@ -71,15 +71,27 @@ class UNet3DConfig:
             raise ValueError(f"temporal_positions={self.temporal_positions} must be >= 0")
 
 
-def sd21_unet3d_config(**overrides: Any) -> UNet3DConfig:
-    """SD-2.1 inflated (the Emu2 paper's video decoder): 4 levels, 5/10/20/20 heads of 64, 1024 context."""
-    unet = UNetConfig(block_out_channels=(320, 640, 1280, 1280),
-                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                      transformer_layers_per_block=(1, 1, 1, 1), num_attention_heads=(5, 10, 20, 20),
-                      cross_attention_dim=1024, addition_embed_type=None,
-                      **overrides.pop("unet_overrides", {}))
-    return UNet3DConfig(unet=unet, **{"temporal_positions": 32, **overrides})
+def sd21_unet3d_config(**unet_overrides: Any) -> UNet3DConfig:
+    """SD-2.1 inflated (the Emu2 paper's video decoder): 4 levels, 5/10/20/20 heads of 64, 1024-wide
+    cross-attention, learned frame positions for up to 32 frames. `unet_overrides` (dtype,
+    remat_policy, ...) apply to the spatial config."""
+    unet = UNetConfig(**{"block_out_channels": (320, 640, 1280, 1280),
+                         "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                         "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                         "transformer_layers_per_block": (1, 1, 1, 1), "num_attention_heads": (5, 10, 20, 20),
+                         "cross_attention_dim": 1024, "addition_embed_type": None, **unet_overrides})
+    return UNet3DConfig(unet=unet, transformer_in_heads=8, transformer_in_head_dim=64, temporal_positions=32)
+
+
+def tiny_unet3d_config(**unet_overrides: Any) -> UNet3DConfig:
+    """A two-level, CPU-sized video UNet (64-wide cross-attention) for tests and `:tiny` runs."""
+    unet = UNetConfig(**{"block_out_channels": (32, 64),
+                         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "layers_per_block": 1,
+                         "transformer_layers_per_block": (1, 1), "num_attention_heads": (2, 4),
+                         "cross_attention_dim": 64, "norm_num_groups": 8, "addition_embed_type": None,
+                         **unet_overrides})
+    return UNet3DConfig(unet=unet, transformer_in_heads=2, transformer_in_head_dim=16, temporal_positions=16)
 
 
 def unet3d_config_from_diffusers(cfg: Mapping[str, Any], **overrides: Any) -> UNet3DConfig:
