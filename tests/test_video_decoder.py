@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import video_decoder
-from emu2_jax import autoencode, tasks, train, video_io
+from emu2_jax import autoencode, checkpointing, metrics, tasks, train, video_io
 from emu2_jax.data import layout, records
 from emu2_jax.tasks import video_decoder as video_task
 from tests import cli, tb_events
@@ -97,39 +97,49 @@ def test_video_io_round_trip_and_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """`python -m emu2_jax.train` on the tiny video decoder for 2 steps, sampling at step 2."""
-    workdir = tmp_path_factory.mktemp("video_run")
-    result = cli.run([sys.executable, "-m", "emu2_jax.train", "--config=configs/video_decoder.py:tiny",
-                      f"--workdir={workdir}", "--config.total_steps=2", "--config.sample_every_steps=2",
-                      "--config.checkpoint_every_steps=2", "--config.global_batch_size=2",
-                      "--config.video_decoder.sample_steps=2"], timeout=1500)
-    return workdir, result
+def workdir(tmp_path_factory):
+    """A video-decoder workdir whose latest checkpoint (step 1) holds the tiny model's initial state."""
+    path = tmp_path_factory.mktemp("video_run")
+    config = video_decoder.get_config("tiny")
+    trainer = train.create_trainer(config, devices=jax.devices()[:1])
+    state = train.init_state(trainer, config)
+    manager = checkpointing.create_manager(path, save_every_steps=1, keep=1, async_save=False)
+    checkpointing.save_checkpoint(manager, 1, state, {}, config, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return path, trainer, state
 
 
-def test_training_writes_sample_gifs(trained):
-    workdir, result = trained
-    assert result.returncode == 0, result.stderr[-3000:]
-    gifs = sorted(os.listdir(workdir / "samples"))
-    assert gifs == ["video_000002_0.gif"]
-    frames = video_io.read_video(workdir / "samples" / gifs[0])
+def test_sampler_writes_gifs_and_tensorboard(workdir, tmp_path):
+    _, trainer, state = workdir
+    config = video_decoder.get_config("tiny")
+    config.video_decoder.sample_steps = 2
+    task = tasks.create(config)
+    sampler = task.create_sampler(trainer.mesh, trainer.rules, str(tmp_path))
+    writer = metrics.SummaryWriter(str(tmp_path))
+    sampler(2, state.params, writer)
+    writer.close()
+    assert sorted(os.listdir(tmp_path / "samples")) == ["video_000002_0.gif"]
+    frames = video_io.read_video(tmp_path / "samples" / "video_000002_0.gif")
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
-    images = tb_events.read_images(tb_events.event_files(workdir)[0])
+    images = tb_events.read_images(tb_events.event_files(tmp_path)[0])
     strip = images[2]["samples/video_0"]  # the 4 frames in one row
     assert list(images) == [2] and strip.shape[0] >= 32 and strip.shape[1] >= 4 * 32
 
 
-def test_autoencode_video_command(trained, tmp_path):
-    workdir, result = trained
-    assert result.returncode == 0, result.stderr[-3000:]
-    source = str(workdir / "samples" / "video_000002_0.gif")
-    out = tmp_path / "out.gif"
-    done = cli.run([sys.executable, "-m", "emu2_jax.autoencode", f"--checkpoint={workdir}", f"--video={source}",
+def test_autoencode_video_command(workdir, tmp_path):
+    path, *_ = workdir
+    clip = (np.random.default_rng(0).random((6, 40, 48, 3)) * 255).astype(np.uint8)
+    source = tmp_path / "in.gif"
+    video_io.write_gif(source, clip)
+    out = tmp_path / "out" / "out.gif"
+    done = cli.run([sys.executable, "-m", "emu2_jax.autoencode", f"--checkpoint={path}", f"--video={source}",
                     f"--out={out}", "--steps=2"], timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Wrote" in done.stderr and "(4 frames, 32x32)" in done.stderr
     frames = video_io.read_video(out)
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3) and np.stack(frames).std() > 0
     with pytest.raises(SystemExit, match="name a .gif file"):
-        autoencode.autoencode_video(str(workdir), source, str(tmp_path / "o.png"))
+        autoencode.autoencode_video(str(path), str(source), str(tmp_path / "o.png"))
     with pytest.raises(SystemExit, match="--video=.*no such file"):
-        autoencode.autoencode_video(str(workdir), str(tmp_path / "nope.gif"), str(tmp_path / "o.gif"))
+        autoencode.autoencode_video(str(path), str(tmp_path / "nope.gif"), str(tmp_path / "o.gif"))
