@@ -154,6 +154,7 @@ def data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:
     d.image_first_prob = 0.5
     d.regress_images = False         # regression loss on the images of pairs / videos / interleaved / grounded
     d.video_frames = 4 if tiny else 8  # frames per video in pretraining
+    d.video_frame_stride = 1         # video decoder: source frames between its consecutive frames
     d.chat_video_frames = (2, 3, 4) if tiny else (8, 12, 16)  # choices in chat
     d.interleaved_max_images = 4 if tiny else 8  # images per interleaved document ...
     d.interleaved_max_len = 1024                 # ... in this many tokens

@@ -1,7 +1,15 @@
-r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-stage checkpoint.
+r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-stage checkpoint;
+clip -> Emu2 encoder -> video decoder -> animated GIF, with a `video_decoder`-stage checkpoint.
 
     python -m emu2_jax.autoencode --checkpoint=/tmp/decoder --image=in.png --out=out.png \
         [--steps=50 --guidance=3.0 --seed=0]
+    python -m emu2_jax.autoencode --checkpoint=/tmp/video --video=frames_dir_or.gif --out=out.gif
+
+A clip (`--video`: an animated GIF or a folder of frame images in name order) is sampled uniformly to
+the checkpoint's `data.video_frames` frames, each centre-cropped square; the frames' pooled embeddings
+condition Euler v-prediction sampling of all frames at once with classifier-free guidance against the
+zero-clip encoding, the VAE decodes each frame and the GIF is written (MP4 is not written: no
+well-kept encoder package is installed here).
 
 `--checkpoint` is a decoder-stage training workdir, its `checkpoints/` folder or one step's folder
 in it (the latest step is used for the first two), or an Emu2-Gen checkpoint converted by
@@ -25,10 +33,9 @@ from etils import epath
 from flax import linen as nn
 from PIL import Image
 
-from emu2_jax import checkpointing, cli
+from emu2_jax import checkpointing, cli, tasks, video_io
 from emu2_jax.data import images as image_lib
-from emu2_jax.models import visual_decoder
-from emu2_jax.tasks import decoder as decoder_task
+from emu2_jax.models import video_decoder, visual_decoder
 
 
 def find_checkpoint(path: str) -> epath.Path:
@@ -47,13 +54,13 @@ def find_checkpoint(path: str) -> epath.Path:
     return manager_dir / str(max(steps))
 
 
-def load_decoder(step_dir: epath.Path) -> tuple[ml_collections.ConfigDict, visual_decoder.VisualDecoderModel, Any]:
-    """(run config, model, params) of a decoder-stage checkpoint step folder."""
+def load_decoder(step_dir: epath.Path, stage: str = "decoder") -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(run config, model, params) of a `stage` (decoder | video_decoder) checkpoint step folder."""
     config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "config.json").read_text()))
-    if config.get("stage") != "decoder":
-        raise SystemExit(f"{step_dir} is a checkpoint of stage {config.get('stage')!r}, not of the visual "
-                         f"decoder (configs/decoder.py)")
-    task = decoder_task.DecoderTask.create(config)
+    if config.get("stage") != stage:
+        raise SystemExit(f"{step_dir} is a checkpoint of stage {config.get('stage')!r}, not of the "
+                         f"{stage.replace('_', ' ')} (configs/{stage}.py)")
+    task = tasks.create(config)
     abstract = nn.unbox(jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1)))["params"]
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
                                             jax.sharding.PartitionSpec())
@@ -97,13 +104,26 @@ def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return image_lib.normalize(image_lib.resize_for_encoder(pixels, size))[None], pixels.shape[:2]
 
 
-def check_arguments(out: str, steps: int) -> None:
+def read_clip(path: str, num_frames: int, size: int) -> np.ndarray:
+    """Normalised encoder frames [1, num_frames, size, size, 3] of a GIF or frame folder, sampled
+    uniformly and centre-cropped square; SystemExit naming `--video` if unreadable."""
+    try:
+        frames = video_io.read_video(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    picked = [frames[i] for i in image_lib.sample_frame_indices(len(frames), num_frames)]
+    side = min(picked[0].shape[:2])
+    crops = [image_lib.decoder_target(f, decoder_size=side, encoder_size=size, rng=None)["image"] for f in picked]
+    return np.stack([image_lib.normalize(c) for c in crops])[None]
+
+
+def check_arguments(out: str, steps: int, kind: str = "PNG") -> None:
     """SystemExit naming the argument, before anything is loaded or sampled (else `--steps=0` divides
     by zero and a directory as `--out` fails only after sampling)."""
     if steps < 1:
         raise SystemExit(f"--steps={steps}: must be >= 1")
     if epath.Path(out).is_dir():
-        raise SystemExit(f"--out={out}: is a directory; name the PNG file to write")
+        raise SystemExit(f"--out={out}: is a directory; name the {kind} file to write")
 
 
 def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidance: float = 3.0,
@@ -133,20 +153,52 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
     return info
 
 
+def autoencode_video(checkpoint: str, video: str, out: str, *, steps: int = 50, guidance: float = 3.0,
+                     seed: int = 0) -> dict[str, Any]:
+    """Writes the rendering of clip `video` from its own encoding to `out` (animated GIF)."""
+    check_arguments(out, steps, "GIF")
+    if not out.lower().endswith(".gif"):
+        raise SystemExit(f"--out={out}: a clip is written as an animated GIF; name a .gif file")
+    step_dir = find_checkpoint(checkpoint)
+    config, model, params = load_decoder(step_dir, "video_decoder")
+    cfg = model.config
+    frames = read_clip(video, cfg.num_frames, cfg.vision.image_size)
+    logging.info("Checkpoint %s (step %s); %d frames, encoder %d px, %d tokens per frame; decoder %d px; "
+                 "%d Euler steps, guidance %.2f", step_dir, step_dir.name, cfg.num_frames, cfg.vision.image_size,
+                 cfg.v_query, cfg.decoder_image_size, steps, guidance)
+    started = time.perf_counter()
+    decoded = video_decoder.sample_video(model, params, jax.numpy.asarray(frames), jax.random.key(seed),
+                                         num_steps=steps, guidance_scale=guidance)
+    clip = video_io.to_uint8(jax.device_get(decoded))[0]
+    epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    video_io.write_gif(out, clip, fps=float(config.video_decoder.sample_fps))
+    info = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage, "out": out,
+            "frames": clip.shape[0], "size": clip.shape[1:3], "seconds": time.perf_counter() - started}
+    logging.info("Wrote %s (%d frames, %dx%d) in %.1fs.", out, clip.shape[0], clip.shape[2], clip.shape[1],
+                 info["seconds"])
+    return info
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
     f = flags.FLAGS
-    autoencode(f.checkpoint, f.image, f.out, steps=f.steps, guidance=f.guidance, seed=f.seed)
+    if (f.image is None) == (f.video is None):
+        raise app.UsageError("give exactly one of --image (visual decoder) and --video (video decoder)")
+    if f.video is not None:
+        autoencode_video(f.checkpoint, f.video, f.out, steps=f.steps, guidance=f.guidance, seed=f.seed)
+    else:
+        autoencode(f.checkpoint, f.image, f.out, steps=f.steps, guidance=f.guidance, seed=f.seed)
 
 
 if __name__ == "__main__":  # flags only for the command, so the module imports next to others' flags
     flags.DEFINE_string("checkpoint", None, "Decoder-stage workdir, its checkpoints/ folder or a step folder.")
     flags.DEFINE_string("image", None, "Input image (any format PIL reads).")
-    flags.DEFINE_string("out", None, "Output PNG path.")
+    flags.DEFINE_string("video", None, "Input clip: an animated GIF or a folder of frame images.")
+    flags.DEFINE_string("out", None, "Output path: PNG for --image, GIF for --video.")
     flags.DEFINE_integer("steps", 50, "Euler sampling steps.")
     flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial latents.")
-    flags.mark_flags_as_required(["checkpoint", "image", "out"])
+    flags.mark_flags_as_required(["checkpoint", "out"])
     app.run(main)

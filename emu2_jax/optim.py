@@ -28,9 +28,10 @@ PyTree = Any
 Path = tuple[str, ...]
 
 # Parameter group (one peak learning rate each) of every top-level component: Emu2Model's, then the
-# visual decoder's (emu2_jax.tasks.decoder: its encoder is `visual` too).
+# visual decoders' (emu2_jax.tasks.decoder / video_decoder: their encoder is `visual` too; the video
+# decoder's condition projection `cond_proj` is a projector).
 GROUP_OF_COMPONENT = {"visual": "visual", "connector": "projector", "project_down": "projector", "llm": "llm",
-                      "unet": "unet", "vae": "vae"}
+                      "unet": "unet", "vae": "vae", "cond_proj": "projector"}
 GROUPS = ("visual", "projector", "llm", "unet", "vae")
 LORA_PARAMS = ("lora_a", "lora_b")
 # Leaf names that get weight decay: matrices, not norms, biases, embeddings or position tables.

@@ -32,6 +32,7 @@ CONV_IN = "conv_in"        # convolution input channels
 CONV_OUT = "conv_out"      # convolution output channels
 CONV_SPATIAL = "conv_spatial"    # kernel height (flax forbids one name twice in a shape)
 CONV_SPATIAL_W = "conv_spatial_w"  # kernel width
+CONV_TEMPORAL = "conv_temporal"  # kernel extent over video frames
 NORM = "norm"              # norm scales and biases
 QUERIES = "queries"        # learned query tokens of Emu's Causal Transformer connector
 POSITIONS = "positions"    # learned position embeddings
@@ -72,6 +73,7 @@ LOGICAL_RULES: Rules = (
     (CONV_OUT, "fsdp"),
     (CONV_SPATIAL, None),
     (CONV_SPATIAL_W, None),
+    (CONV_TEMPORAL, None),
     (NORM, None),
     (QUERIES, None),
     (POSITIONS, None),

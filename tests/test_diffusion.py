@@ -131,3 +131,48 @@ def test_training_noise_offset_and_inputs():
     assert t.shape == (64,) and int(t.min()) >= 0 and int(t.max()) < 1000 and len(np.unique(t)) > 30
     np.testing.assert_allclose(noisy, diffusion.add_noise(latents, target, t), atol=1e-6)
     assert float(jnp.abs(target - latents).max()) > 0.1
+
+
+SD21_SCHEDULER = {**EMU2_SCHEDULER, "prediction_type": "v_prediction"}  # SD 2.1 (the video decoder's)
+
+
+def test_velocity_target_matches_diffusers():
+    ddpm = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="v_prediction")
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal((4, 2, 8, 8, 4)).astype(np.float32)  # video latents [B,F,H,W,C]
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 17, 500, 999])
+    ref = ddpm.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    config = diffusion.ScheduleConfig(prediction_type="v_prediction")
+    np.testing.assert_allclose(diffusion.velocity(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), config),
+                               ref, atol=1e-5)
+    # Training inputs carry the velocity as target; the epsilon default is unchanged.
+    latents = jnp.asarray(x0)
+    noisy, ts, target = diffusion.diffusion_training_inputs(jax.random.key(0), latents, config=config)
+    _, ts_eps, eps = diffusion.diffusion_training_inputs(jax.random.key(0), latents)
+    np.testing.assert_array_equal(ts, ts_eps)
+    np.testing.assert_allclose(target, diffusion.velocity(latents, eps, ts, config), atol=1e-6)
+    np.testing.assert_allclose(noisy, diffusion.add_noise(latents, eps, ts), atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        diffusion.ScheduleConfig(prediction_type="sample")
+
+
+def test_euler_v_prediction_parity():
+    """Euler steps on v-prediction outputs equal diffusers' EulerDiscreteScheduler (SD 2.1 config)."""
+    ref = diffusers.EulerDiscreteScheduler(**SD21_SCHEDULER)
+    ref.set_timesteps(10)
+    timesteps, sigmas = diffusion.euler_schedule(10)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn((2, 4, 3, 8, 8), generator=gen) * ref.init_noise_sigma
+    ours = jnp.asarray(sample.numpy())
+    step = jax.jit(diffusion.euler_step, static_argnames="prediction_type")
+    for i, t in enumerate(ref.timesteps):
+        model_in = ref.scale_model_input(sample, t)
+        v = torch.tanh(model_in) * 0.9 + 0.1 * torch.randn(model_in.shape, generator=gen)
+        sample = ref.step(v, t, sample).prev_sample
+        ours = step(jnp.asarray(v.numpy()), ours, sigmas[i], sigmas[i + 1], prediction_type="v_prediction")
+        assert rel_err(ours, sample.numpy()) <= 1e-4, (i, rel_err(ours, sample.numpy()))
+    x, out = jnp.asarray(sample.numpy()), jnp.asarray(v.numpy())
+    as_eps, as_v = step(out, x, sigmas[0], sigmas[1]), step(out, x, sigmas[0], sigmas[1], "v_prediction")
+    assert rel_err(as_eps, as_v) > 1e-2  # the prediction type matters

@@ -1,4 +1,4 @@
-"""diffusers `UNet2DConditionModel` / `AutoencoderKL` state dicts -> Flax params of our UNet / VAE.
+"""diffusers `UNet2DConditionModel` / `UNet3DConditionModel` / `AutoencoderKL` state dicts -> Flax params.
 
 The Flax modules mirror diffusers' module tree, so each Flax parameter path names its PyTorch key:
 `down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`. The converter walks
@@ -20,18 +20,30 @@ from flax import linen as nn
 from flax import traverse_util
 
 from emu2_jax.models.unet import UNet, UNetConfig, unet_dummy_inputs
+from emu2_jax.models.unet3d import UNet3D, UNet3DConfig, unet3d_dummy_inputs
 from emu2_jax.models.vae import AutoencoderKL, VAEConfig
 
 Params = dict[str, Any]
 
 # Flax `name_<i>` components that are `name.<i>` list indices in diffusers (`linear_1` is not).
-_INDEXED = re.compile(r"(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|to_out|net)_(\d+)")
+_INDEXED = re.compile(r"(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|to_out|net|temp_convs|"
+                      r"temp_attentions|conv[1-4])_(\d+)")  # conv1_0: TemporalConvLayer's nn.Sequential
 _SCANNED = "transformer_blocks"
 
 
 def convert_unet(state_dict: Mapping[str, np.ndarray], config: UNetConfig, prefix: str = "") -> Params:
     """Flax params for `UNet(config)` from a diffusers UNet state dict (keys after `prefix`, e.g. "unet.")."""
     return _convert(state_dict, unet_target(config), prefix, config.param_dtype, "UNet")
+
+
+def convert_unet3d(state_dict: Mapping[str, np.ndarray], config: UNet3DConfig, prefix: str = "") -> Params:
+    """Flax params for `UNet3D(config)` from a diffusers `UNet3DConditionModel` state dict."""
+    if config.temporal_positions:
+        raise ValueError("diffusers' UNet3DConditionModel has no temporal position embedding: "
+                         "convert with temporal_positions=0")
+    model = UNet3D(config)
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0), **unet3d_dummy_inputs(config)))["params"]
+    return _convert(state_dict, nn.unbox(target), prefix, config.unet.param_dtype, "UNet3D")
 
 
 def convert_vae(state_dict: Mapping[str, np.ndarray], config: VAEConfig, prefix: str = "") -> Params:
@@ -65,7 +77,9 @@ def _torch_stem(path: tuple[str, ...]) -> str:
 def _to_flax(name: str, array: np.ndarray, shape: tuple[int, ...], key: str) -> np.ndarray:
     """One PyTorch tensor -> the Flax leaf `name` of `shape`, or ValueError naming `key`."""
     array = np.asarray(array)
-    if name == "kernel" and len(shape) == 4:  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
+    if name == "kernel" and len(shape) == 5:  # Conv3d [out, in, kt, kh, kw] -> [kt, kh, kw, in, out]
+        out = array.transpose(2, 3, 4, 1, 0) if array.ndim == 5 else array
+    elif name == "kernel" and len(shape) == 4:  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
         out = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
     elif name == "kernel":
         # Linear [out, in] (or a 1x1 Conv2d [out, in, 1, 1]) -> [in..., out...]; Flax may split either

@@ -7,10 +7,12 @@ with named sizes, resolved by `shapes(layout, **sizes)`:
     rows          batch rows                       seq_len       tokens per row
     slots         image / frame slots per row      image_size    encoder input side (pixels)
     decoder_size  visual-decoder target side (pixels)
+    frames        frames per clip (video decoder)
 
     LLM       the LLM stages (stage1, stage2, chat, gen, emu1_chat): packed rows of tokens and images
     PROMPT    the LLM's inference prompt: LLM without the training targets and masks
     DECODER   the visual-decoder stage: one image per row, its decoder-resolution target crop
+    VIDEO_DECODER  the video-decoder stage: one clip per row, its frames for the encoder and as targets
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ DECODER: Layout = (
     Field("original_size", ("rows", 2), np.int32),   # (height, width) before resizing  } SDXL time_ids
     Field("crop_coords", ("rows", 2), np.int32),     # (top, left) of the crop          } (concatenated)
     Field("target_size", ("rows", 2), np.int32),     # (D, D)                           }
+)
+
+VIDEO_DECODER: Layout = (
+    Field("frames", ("rows", "frames", "image_size", "image_size", 3), np.float32),  # encoder input
+    Field("target_frames", ("rows", "frames", "decoder_size", "decoder_size", 3), np.float32),  # [-1, 1]
 )
 
 

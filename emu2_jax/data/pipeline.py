@@ -49,7 +49,8 @@ from emu2_jax.data.skips import REASON_INDEX, REASONS, Skipped
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stage1", "stage2", "chat", "gen", "decoder")
+STAGES = ("stage1", "stage2", "chat", "gen", "decoder", "video_decoder")
+_DECODER_STAGES = {"decoder": layout.DECODER, "video_decoder": layout.VIDEO_DECODER}  # builder = stage
 # Data config fields read here (records.Options reads its own); configs/common.py sets them all.
 _FIELDS = ("stage", "cache_dir", "sources", "balance", "shuffle", "num_epochs", "num_workers",
            "worker_buffer_size", "read_threads", "read_buffer_size", "max_consecutive_skips")
@@ -374,12 +375,12 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
     active = [(name, s) for name, s in sorted(cfg.sources.items()) if s.weight > 0]
     if not active:
         raise ValueError("no data source with a positive weight in data.sources")
-    decoder_stage = cfg.stage == "decoder"
+    decoder_stage = cfg.stage in _DECODER_STAGES
     for name, s in active:
         if s.builder not in records.RECORD_KINDS:
             raise ValueError(f"data.sources.{name}.builder {s.builder!r} not in "
                              f"{tuple(records.RECORD_KINDS)}")
-        if (s.builder == "decoder") != decoder_stage:
+        if (s.builder in _DECODER_STAGES or cfg.stage in _DECODER_STAGES) and s.builder != cfg.stage:
             raise ValueError(f"data.sources.{name}: builder {s.builder!r} does not belong to "
                              f"stage {cfg.stage!r}")
         if s.format == "embedded" and s.paths:
@@ -419,7 +420,7 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
         names.append(name)
         ingest.append(prepared.ingest_skips)
     mixed = _MixRows(rows, [s.weight for _, s in active], cfg.balance)
-    fields = layout.DECODER if decoder_stage else layout.LLM
+    fields = _DECODER_STAGES.get(cfg.stage, layout.LLM)
     batched = mixed.batch(batch_size, drop_remainder=True,
                           batch_fn=functools.partial(_stack, fields))
     if cfg.num_workers > 0:

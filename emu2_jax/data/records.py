@@ -23,6 +23,7 @@ RECORD_KINDS = {
     "image_text": "pairs", "video_text": "videos", "interleaved": "interleaved",
     "grounded": "grounded", "text": "text", "chat": "chat", "gen_t2i": "pairs",
     "gen_grounded": "grounded", "gen_edit": "edits", "decoder": "pairs",
+    "video_decoder": "videos",
 }
 
 
@@ -35,6 +36,7 @@ class Options:
     image_first_prob: float
     regress_images: bool
     video_frames: int
+    video_frame_stride: int
     chat_video_frames: tuple[int, ...]
     interleaved_max_images: int
     interleaved_max_len: int
@@ -164,6 +166,23 @@ class Processor:
         del rng
         return sq.build_gen_edit(self.ctx, self._utf8(r["instruction"]), self._image(r["source"]),
                                  self._image(r["target"]))
+
+    def _video_decoder(self, r, rng):
+        """A clip of `video_frames` frames `video_frame_stride` apart (random start; uniform
+        sampling when the video is shorter), as a row of `layout.VIDEO_DECODER`."""
+        encoded, n = r["frames"], self.opts.video_frames
+        span = (n - 1) * self.opts.video_frame_stride + 1
+        if len(encoded) < 1:
+            raise SkipExample("bad_image", "video without frames")
+        if len(encoded) >= span:
+            start = int(rng.integers(0, len(encoded) - span + 1))
+            indices = range(start, start + span, self.opts.video_frame_stride)
+        else:
+            indices = im.sample_frame_indices(len(encoded), n)
+        rows = [im.decoder_target(im.decode_image(encoded[i]), decoder_size=self.opts.decoder_image_size,
+                                  encoder_size=self.opts.image_size, rng=None) for i in indices]
+        return {"frames": np.stack([im.normalize(x["image"]) for x in rows]),
+                "target_frames": np.stack([x["target_image"] for x in rows])}
 
     def _decoder(self, r, rng):
         pixels = im.decode_image(r["image"])

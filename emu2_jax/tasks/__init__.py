@@ -16,7 +16,7 @@ from flax import linen as nn
 from emu2_jax import metrics
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
-from emu2_jax.tasks import decoder, llm
+from emu2_jax.tasks import decoder, llm, video_decoder
 
 PyTree = Any
 
@@ -59,6 +59,7 @@ class Task(Protocol):
 TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
     "llm": llm.LlmTask.create,
     "decoder": decoder.DecoderTask.create,
+    "video_decoder": video_decoder.VideoDecoderTask.create,
 }
 
 
