@@ -19,15 +19,18 @@ from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
 from emu2_jax.models import presets
 from emu2_jax.models import unet as unet_lib
+from emu2_jax.models.emu2 import Emu2Config
+from emu2_jax.models.eva_vit import VisionConfig
 from emu2_jax.models.visual_decoder import UNET_PRESETS, VAE_PRESETS, DecoderModelConfig, VisualDecoderModel, time_ids
 
 PyTree = Any
 COMPONENTS = ("visual", "unet", "vae")
 
 
-def model_config(config: ml_collections.ConfigDict) -> DecoderModelConfig:
-    """The decoder model of a `decoder` stage config: `model` (an Emu2 preset, for its encoder and
-    n_query), `decoder.unet` / `decoder.vae` presets; `model_overrides.dtype` etc. apply to all three."""
+def frozen_encoder(config: ml_collections.ConfigDict) -> tuple[Emu2Config, VisionConfig, dict[str, Any]]:
+    """(the Emu2 preset `config.model` with the global dtype / remat overrides, its encoder with
+    `model_overrides.vision` applied, the dtype and remat settings the decoders' UNet and VAE share)
+    of a decoder stage config (image or video)."""
     overrides = {k: v for k, v in config.model_overrides.items() if not isinstance(v, ml_collections.ConfigDict)}
     emu2_cfg = presets.get_config(config.model, **{k: v for k, v in overrides.items()
                                                    if k in ("dtype", "param_dtype", "remat_policy")})
@@ -35,6 +38,13 @@ def model_config(config: ml_collections.ConfigDict) -> DecoderModelConfig:
     if "vision" in config.model_overrides:
         vision = dataclasses.replace(vision, **config.model_overrides.vision.to_dict())
     common = {"dtype": vision.dtype, "param_dtype": vision.param_dtype, "remat_policy": vision.remat_policy}
+    return emu2_cfg, vision, common
+
+
+def model_config(config: ml_collections.ConfigDict) -> DecoderModelConfig:
+    """The decoder model of a `decoder` stage config: `model` (an Emu2 preset, for its encoder and
+    n_query), `decoder.unet` / `decoder.vae` presets; `model_overrides.dtype` etc. apply to all three."""
+    emu2_cfg, vision, common = frozen_encoder(config)
     unet_cfg = UNET_PRESETS[config.decoder.unet](**common)
     unet_cfg = dataclasses.replace(
         unet_cfg, cross_attention_dim=vision.width,

@@ -22,7 +22,6 @@ from etils import epath
 from emu2_jax import diffusion, metrics, video_io
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
-from emu2_jax.models import presets
 from emu2_jax.models.video_decoder import (
     UNET3D_PRESETS,
     VAE_PRESETS,
@@ -31,7 +30,7 @@ from emu2_jax.models.video_decoder import (
     sample_video,
     unconditional_features,
 )
-from emu2_jax.tasks.decoder import drop_condition
+from emu2_jax.tasks.decoder import drop_condition, frozen_encoder
 
 PyTree = Any
 COMPONENTS = ("visual", "cond_proj", "unet", "vae")
@@ -41,13 +40,7 @@ SCHEDULE = diffusion.ScheduleConfig(prediction_type="v_prediction")  # SD 2.1
 def model_config(config: ml_collections.ConfigDict) -> VideoDecoderModelConfig:
     """`model` (an Emu2 preset: encoder and v_query), `video_decoder.unet` / `.vae` presets, the
     clip length `data.video_frames` and frame side `data.decoder_image_size`."""
-    overrides = {k: v for k, v in config.model_overrides.items() if not isinstance(v, ml_collections.ConfigDict)}
-    emu2_cfg = presets.get_config(config.model, **{k: v for k, v in overrides.items()
-                                                   if k in ("dtype", "param_dtype", "remat_policy")})
-    vision = emu2_cfg.vision
-    if "vision" in config.model_overrides:
-        vision = dataclasses.replace(vision, **config.model_overrides.vision.to_dict())
-    common = {"dtype": vision.dtype, "param_dtype": vision.param_dtype, "remat_policy": vision.remat_policy}
+    emu2_cfg, vision, common = frozen_encoder(config)
     return VideoDecoderModelConfig(
         vision=vision, unet=UNET3D_PRESETS[config.video_decoder.unet](**common),
         vae=VAE_PRESETS[config.video_decoder.vae](**{k: v for k, v in common.items() if k != "remat_policy"}),
