@@ -407,6 +407,22 @@ class MidBlockCrossAttn(nn.Module):
         return resnet_cls(c, self.groups, self.epsilon, name="resnets_1", **kw)(x, temb)
 
 
+def embed_timesteps(cfg: UNetConfig, timesteps: jax.Array, encoder_hidden_states: jax.Array, height: int,
+                    width: int) -> jax.Array:
+    """The time embedding [B, E] of a UNet call (its `time_embedding` submodule, created in the calling
+    module), after checking the context width and that the sample's sides survive the downsampling."""
+    batch = encoder_hidden_states.shape[0]
+    chex.assert_shape(encoder_hidden_states, (batch, None, cfg.cross_attention_dim))
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if height % factor or width % factor:
+        raise ValueError(f"sample {height}x{width} must be divisible by {factor}")
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                               freq_shift=cfg.freq_shift).astype(cfg.dtype)
+    return TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype)(t_emb)
+
+
 class UNet(nn.Module):
     """Noise-prediction UNet. `sample` [B,H,W,C] NHWC (H, W divisible by 2**(levels-1)),
     `timesteps` [B] (or scalar), `encoder_hidden_states` [B,S,cross_attention_dim],
@@ -421,15 +437,7 @@ class UNet(nn.Module):
         kw = {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
         batch, height, width, _ = sample.shape
         chex.assert_shape(sample, (batch, height, width, cfg.in_channels))
-        chex.assert_shape(encoder_hidden_states, (batch, None, cfg.cross_attention_dim))
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
-        if height % factor or width % factor:
-            raise ValueError(f"sample {height}x{width} must be divisible by {factor}")
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-
-        t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift).astype(cfg.dtype)
-        emb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t_emb)
+        emb = embed_timesteps(cfg, timesteps, encoder_hidden_states, height, width)
         if cfg.addition_embed_type == "text_time":
             if added_cond is None:
                 raise ValueError('addition_embed_type "text_time" needs added_cond with text_embeds and time_ids')

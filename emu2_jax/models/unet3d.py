@@ -35,11 +35,10 @@ from emu2_jax.models.conv_blocks import (
     maybe_remat,
 )
 from emu2_jax.models.unet import (
-    TimestepEmbedding,
     Transformer2D,
     TransformerBlock,
     UNetConfig,
-    timestep_embedding,
+    embed_timesteps,
     unet_config_from_diffusers,
 )
 
@@ -269,14 +268,7 @@ class UNet3D(nn.Module):
         kw = {"dtype": u.dtype, "param_dtype": u.param_dtype}
         batch, frames, height, width, _ = sample.shape
         chex.assert_shape(sample, (batch, frames, height, width, u.in_channels))
-        chex.assert_shape(encoder_hidden_states, (batch, None, u.cross_attention_dim))
-        factor = 2 ** (len(u.block_out_channels) - 1)
-        if height % factor or width % factor:
-            raise ValueError(f"sample {height}x{width} must be divisible by {factor}")
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        t_emb = timestep_embedding(timesteps, u.block_out_channels[0], flip_sin_to_cos=u.flip_sin_to_cos,
-                                   freq_shift=u.freq_shift).astype(u.dtype)
-        emb = TimestepEmbedding(u.time_embed_dim, name="time_embedding", **kw)(t_emb)
+        emb = embed_timesteps(u, timesteps, encoder_hidden_states, height, width)
         emb = jnp.repeat(emb, frames, axis=0)  # frames fold into the batch: [B*F, E]
         context = jnp.repeat(encoder_hidden_states.astype(u.dtype), frames, axis=0)
         context = nn.with_logical_constraint(context, (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
