@@ -32,6 +32,7 @@ EXTRAS = {
         "diffusers>=0.30",
         "safetensors>=0.4",
         "libtpu==0.0.42.*",  # compiles for TPU topologies on CPU (tests/test_aot.py); jax 0.10.2's own pin
+        "pycocoevalcap>=1.2",  # CIDEr-D parity with coco-caption's pure-Python scorer (tests/evaluation)
     ],
     "convert": ["torch==2.13.0", "safetensors>=0.4"],
     "tpu": ["libtpu==0.0.42.*"],

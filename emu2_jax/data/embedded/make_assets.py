@@ -2,10 +2,12 @@
 
     python -m emu2_jax.data.embedded.make_assets images     # needs `pip install scikit-image`
     python -m emu2_jax.data.embedded.make_assets tokenizer  # retrains tokenizer/emu2_tiny.model
+    python -m emu2_jax.data.embedded.make_assets eval       # media of the evaluation set (eval/)
 
 `images` exports public-domain / CC0 photographs bundled with scikit-image (README.md lists each
 source and licence) with the longer side at most 448 px; scikit-image is needed only here.
-`tokenizer` trains the 1024-piece sentencepiece model from the shipped text.
+`tokenizer` trains the 1024-piece sentencepiece model from the shipped text. `eval` derives the
+evaluation set's media from the photographs (eval/README.md).
 """
 from __future__ import annotations
 
@@ -60,6 +62,38 @@ def export_images(out_dir: pathlib.Path = HERE / "images") -> None:
         print(f"{name}: {image.size} {image.mode} {len(buf.getvalue())} bytes")
 
 
+# The evaluation set's media: COCO-named thumbnails (the VQAv2 / OKVQA layouts name images by COCO id)
+# and short camera-motion clips for video QA, as GIFs and one folder of frames.
+EVAL_COCO = {1: "astronaut.jpg", 2: "camera.jpg", 3: "chelsea.jpg", 4: "coffee.jpg", 5: "rocket.jpg",
+             6: "clock.jpg"}
+EVAL_VIDEOS = {"video0.gif": ("rocket.jpg", "zoom_in"), "video1.gif": ("chelsea.jpg", "pan_right"),
+               "video2": ("coffee.jpg", "zoom_out")}
+EVAL_SIDE, EVAL_FRAME_SIZE, EVAL_FRAMES = 160, 64, 6
+
+
+def export_eval_media(out_dir: pathlib.Path = HERE / "eval") -> None:
+    from emu2_jax.data.embedded import camera_motion_frames  # pylint: disable=import-outside-toplevel
+    from emu2_jax.video_io import write_gif  # pylint: disable=import-outside-toplevel
+
+    coco = out_dir / "coco" / "val2014"
+    coco.mkdir(parents=True, exist_ok=True)
+    for cocoid, name in EVAL_COCO.items():
+        image = Image.open(HERE / "images" / name).convert("RGB")
+        image.thumbnail((EVAL_SIDE, EVAL_SIDE), Image.Resampling.BICUBIC)
+        image.save(coco / f"COCO_val2014_{cocoid:012d}.jpg", format="JPEG", quality=85, optimize=True)
+    for name, (photo, motion) in EVAL_VIDEOS.items():
+        pixels = np.asarray(Image.open(HERE / "images" / photo).convert("RGB"))
+        frames = camera_motion_frames(pixels, motion, EVAL_FRAMES, size=EVAL_FRAME_SIZE)
+        path = out_dir / "videos" / name
+        if name.endswith(".gif"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_gif(path, np.stack(frames))
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            for i, frame in enumerate(frames):
+                Image.fromarray(frame).save(path / f"frame_{i:02d}.jpg", format="JPEG", quality=85)
+
+
 def main(argv: list[str]) -> None:
     what = argv[1] if len(argv) > 1 else ""
     if what == "images":
@@ -68,6 +102,8 @@ def main(argv: list[str]) -> None:
         from emu2_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
 
         tokenizer.train_tiny_sentencepiece(tokenizer.EMBEDDED_MODEL)
+    elif what == "eval":
+        export_eval_media()
     else:
         raise SystemExit(__doc__)
 
