@@ -17,18 +17,19 @@ def get_config(arg=None):
     c.text_loss_weight = 1.0
     c.image_loss_weight = 0.0
     c.trainable = ("llm",)  # with llm.lora_rank > 0: only the adapters
-    c.sample_prompt = f"{tokenizer.SYSTEM_CHAT} [USER]: [<IMG_PLH>]Describe the image in details. [ASSISTANT]:"
+    # Emu v1's own chat template: its image system message, then Emu2-Chat's turn shape (the same in both).
+    c.sample_prompt = f"{tokenizer.EMU1_SYSTEM_IMAGE} [USER]: [<IMG_PLH>]Describe the image in details. [ASSISTANT]:"
     c.model_overrides.llm = {"lora_rank": 16, "lora_alpha": 16.0}
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.98, 1e-6  # Emu (v1) pretraining's
     c.optimizer.warmup_steps = 10 if tiny else 500
     c.optimizer.decay = "cosine"
     c.optimizer.end_lr_factor = 0.0
-    # Data: instruction data in LLaVA-format json, read by Emu2-Chat's pipeline (data.stage 'chat').
+    # Data: instruction data in LLaVA-format json, read by the chat pipeline (data.stage 'chat') with
+    # Emu v1's image system message.
     if tiny:
-        c.data.sources = {"chat": common.source("chat", "embedded", 1)}
+        c.data.sources = {"chat": common.source("chat", "embedded", 1, system="emu1_image")}
     else:
-        c.data.sources = {"llava": common.source("chat", "llava", 1, system="chat"),
-                          "academic": common.source("chat", "llava", 1, system="academic")}
+        c.data.sources = {"llava": common.source("chat", "llava", 1, system="emu1_image")}
 
     if tiny:
         # The tiny model with Emu (v1)'s architecture: pre-norm encoder, Causal Transformer connector.

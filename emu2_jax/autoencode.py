@@ -35,6 +35,7 @@ from PIL import Image
 
 from emu2_jax import checkpointing, cli, tasks, video_io
 from emu2_jax.data import images as image_lib
+from emu2_jax.inference import checkpoints
 from emu2_jax.models import video_decoder, visual_decoder
 
 
@@ -68,27 +69,6 @@ def load_decoder(step_dir: epath.Path, stage: str = "decoder") -> tuple[ml_colle
     restored = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     return config, task.model, restored["params"]
-
-
-def load_converted(path: epath.Path) -> tuple[visual_decoder.VisualDecoderModel, Any] | None:
-    """(model, params) of a converted Emu2-Gen checkpoint (`python -m emu2_jax.convert`: its model
-    config and `visual`, `unet`, `vae` params), or None when `path` is not one. The decoder's
-    resolution is the UNet's `sample_size` latents times the VAE's downsampling."""
-    from emu2_jax.convert.stream import CONFIG_FILE
-
-    if not (path / CONFIG_FILE).is_file():
-        return None
-    model_config, params = checkpointing.load_pretrained(str(path))
-    missing = [part for part in ("emu2", "unet", "vae") if part not in model_config]
-    if missing:
-        raise SystemExit(f"--checkpoint={path}: a converted checkpoint without {missing}; convert Emu2-Gen "
-                         f"(encoder, UNet and VAE) to autoencode")
-    saved = json.loads((path / CONFIG_FILE).read_text())
-    emu2_cfg, vae_cfg = model_config["emu2"], model_config["vae"]
-    config = visual_decoder.DecoderModelConfig(
-        vision=emu2_cfg.vision, unet=model_config["unet"], vae=vae_cfg, n_query=emu2_cfg.n_query,
-        decoder_image_size=int(saved["unet"].get("sample_size", 128)) * vae_cfg.downsample_factor)
-    return visual_decoder.VisualDecoderModel(config), {k: params[k] for k in ("visual", "unet", "vae")}
 
 
 def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -130,13 +110,13 @@ def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidan
                seed: int = 0) -> dict[str, Any]:
     """Writes the reconstruction of `image` to `out` (PNG); returns what was done (for printing)."""
     check_arguments(out, steps)
-    converted = load_converted(epath.Path(checkpoint).absolute())
+    converted = checkpoints.load_converted_decoder(epath.Path(checkpoint).absolute())
     if converted is None:
         step_dir = find_checkpoint(checkpoint)
         config, model, params = load_decoder(step_dir)
         source = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage}
     else:
-        model, params = converted
+        model, params = converted.model, converted.params
         source = {"checkpoint": checkpoint, "step": None, "stage": "converted"}
     pixels, original = read_image(image, model.config.vision.image_size)
     logging.info("Checkpoint %s (step %s); encoder %d px, %d tokens; decoder %d px; %d Euler steps, guidance %.2f",

@@ -227,7 +227,10 @@ def save_params(directory: str | epath.Path, params: Mapping[str, Any]) -> None:
 
 
 def _params_source(path: epath.Path) -> tuple[epath.Path, tuple[str, ...]]:
-    """(directory of a PyTree checkpoint, key path of the params inside it) for `init_from`."""
+    """(directory of a PyTree checkpoint, key path of the params inside it) for `init_from`: a
+    params-only checkpoint, a training workdir or its checkpoints/ folder (the latest step), or one step."""
+    if (path / "state").is_dir() and (path / "config").is_dir():
+        return path / "state", ("params",)
     manager_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     steps = [int(p.name) for p in manager_dir.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
     if steps:

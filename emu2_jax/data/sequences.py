@@ -188,8 +188,9 @@ _PLACEHOLDER_RE = re.compile("(" + re.escape(tk.IMG_PLACEHOLDER) + "|" +
 
 
 def chat_system_message(system: str) -> str:
-    """'chat' / 'academic' select the paper's two system messages; anything else is literal."""
-    return {"chat": tk.SYSTEM_CHAT, "academic": tk.SYSTEM_ACADEMIC}.get(system, system)
+    """'chat' / 'academic' select Emu2-Chat's two system messages, 'emu1_image' / 'emu1_video' Emu v1's,
+    'none' none (tokenizer.SYSTEM_MESSAGES); anything else is literal."""
+    return tk.SYSTEM_MESSAGES.get(system, system)
 
 
 def build_chat(ctx: Context, turns: Sequence[tuple[str, str]], *, system: str,

@@ -53,6 +53,14 @@ VID_PLACEHOLDER = "[<VID_PLH>]"
 SYSTEM_CHAT = ("You are a helpful assistant, dedicated to delivering comprehensive and "
                "meticulous responses.")
 SYSTEM_ACADEMIC = "You are a helpful assistant, dedicated to provide concise and efficient answers."
+# Emu v1's instruction-tuned model (Emu1/inference.py of the release): same turn template, own system messages.
+EMU1_SYSTEM_IMAGE = ("You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the "
+                     "image after I provide it to you. Please answer my questions based on the given image.")
+EMU1_SYSTEM_VIDEO = ("You are a helpful assistant and you will be presented with a video consisting of multiple "
+                     "chronological images: [IMG]ImageContent[/IMG]. You will be able to see the video after I "
+                     "provide it to you. Please answer my questions based on the given video.")
+SYSTEM_MESSAGES = {"chat": SYSTEM_CHAT, "academic": SYSTEM_ACADEMIC, "emu1_image": EMU1_SYSTEM_IMAGE,
+                   "emu1_video": EMU1_SYSTEM_VIDEO, "none": ""}
 
 
 def patch_index_token(i: int) -> str:
@@ -182,6 +190,18 @@ def load_tokenizer(path_or_none: str | pathlib.Path | None = None, *,
     if not path.is_file():
         raise FileNotFoundError(f"sentencepiece model not found: {path}")
     return Tokenizer(path.read_bytes(), with_chat_tokens=with_chat_tokens, name=str(path))
+
+
+def tokenizer_for_vocab(path_or_none: str | pathlib.Path | None, vocab_size: int) -> Tokenizer:
+    """The tokenizer at `path_or_none` (None: the embedded one) with or without the two chat tokens,
+    whichever gives a model's `vocab_size`; ValueError naming both sizes otherwise."""
+    for with_chat in (True, False):
+        tok = load_tokenizer(path_or_none, with_chat_tokens=with_chat)
+        if tok.vocab_size == vocab_size:
+            return tok
+    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: with Emu2's added tokens that "
+                     f"does not give the model's vocabulary of {vocab_size}; give the model's sentencepiece "
+                     f"tokenizer.model")
 
 
 def caption_prompt(tokenizer: Tokenizer, n_query: int) -> list[int]:

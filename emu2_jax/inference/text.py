@@ -208,35 +208,55 @@ def sample_loop(model: Emu2Model, params: PyTree, state: Decoding, rng: jax.Arra
 # ---------------------------------------------------------------------------------------------
 # The entry point.
 
-@functools.lru_cache(maxsize=64)
-def _compiled_generate(config: Emu2Config, slots: int, max_new_tokens: int, num_beams: int, do_sample: bool,
-                       stop_ids: tuple[int, ...], beam_convention: str, mesh: jax.sharding.Mesh | None,
-                       rules: sh.Rules):
+def decode(model: Emu2Model, params: PyTree, state: Decoding, rng: jax.Array, knobs: Mapping[str, jax.Array], *,
+           max_new_tokens: int, num_beams: int, do_sample: bool, stop_ids: tuple[int, ...],
+           beam_convention: str) -> tuple[jax.Array, jax.Array]:
+    """New tokens from `state`: beam search when num_beams > 1, else greedy or sampled (traced)."""
     from emu2_jax.inference import beam
 
+    if num_beams > 1:
+        return beam.beam_search(model, params, state, knobs["length_penalty"], num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, stop_ids=stop_ids, convention=beam_convention)
+    return sample_loop(model, params, state, rng, knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                       stop_ids=stop_ids)
+
+
+def _jit(fn, mesh: jax.sharding.Mesh | None, rules: sh.Rules):
+    return jax.jit(sh.with_logical_rules(fn, mesh, rules) if mesh is not None else fn)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_generate(config: Emu2Config, slots: int, mesh: jax.sharding.Mesh | None, rules: sh.Rules,
+                       **settings: Any):
+    """prompt -> new tokens, over a fresh `slots`-long cache."""
     model = with_cache_length(config, slots)
 
     def run(params, prompt, rng, knobs):
-        batch = prompt["tokens"].shape[0]
-        state = prefill(model, params, init_cache(model, batch), prompt)
-        if num_beams > 1:
-            return beam.beam_search(model, params, state, knobs["length_penalty"], num_beams=num_beams,
-                                    max_new_tokens=max_new_tokens, stop_ids=stop_ids, convention=beam_convention)
-        return sample_loop(model, params, state, rng, knobs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           stop_ids=stop_ids)
+        state = prefill(model, params, init_cache(model, prompt["tokens"].shape[0]), prompt)
+        return decode(model, params, state, rng, knobs, **settings)
 
-    return jax.jit(sh.with_logical_rules(run, mesh, rules) if mesh is not None else run)
+    return _jit(run, mesh, rules)
 
 
-def generate_text(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], *, max_new_tokens: int,
-                  num_beams: int = 1, length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (LLAMA_EOS,),
-                  rng: jax.Array | None = None, beam_convention: str = "release", bucket: int = BUCKET,
-                  mesh: jax.sharding.Mesh | None = None, rules: sh.Rules = sh.LOGICAL_RULES) -> Generated:
-    """New tokens after each (left-padded) prompt row: greedy, sampled (`do_sample`) or beam search
-    (`num_beams` > 1, transformers 4.31's algorithm as the release uses it, or transformers 5's with
-    `beam_convention="transformers5"`: see `emu2_jax.inference.beam`). With a `mesh`, parameters keep the shardings they were placed with
-    and activations and the cache follow the logical-axis `rules`."""
+@functools.lru_cache(maxsize=64)
+def _compiled_continue(config: Emu2Config, mesh: jax.sharding.Mesh | None, rules: sh.Rules, **settings: Any):
+    """state -> new tokens (a conversation's cache is the config's max_cache_length long)."""
+    model = Emu2Model(config)
+    return _jit(lambda params, state, rng, knobs: decode(model, params, state, rng, knobs, **settings), mesh, rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_prefill(config: Emu2Config, mesh: jax.sharding.Mesh | None, rules: sh.Rules):
+    model = Emu2Model(config)
+    return _jit(lambda params, cache, prompt: prefill(model, params, cache, prompt), mesh, rules)
+
+
+def _settings(*, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0, do_sample: bool = False,
+              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (LLAMA_EOS,),
+              beam_convention: str = "release") -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """(static decoding settings, traced knobs) after checking the arguments."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams}: must be >= 1")
     if num_beams > 1 and do_sample:
@@ -245,12 +265,46 @@ def generate_text(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], *
         raise ValueError(f"temperature={temperature} must be > 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
     if not stop_ids:
         raise ValueError("stop_ids is empty: give at least the end-of-sequence id")
-    length = bucket_length(prompt["tokens"].shape[1], bucket)
-    check_fits(model.config, length, max_new_tokens)
-    fn = _compiled_generate(model.config, length + max_new_tokens, max_new_tokens, num_beams, do_sample,
-                            tuple(int(s) for s in stop_ids), beam_convention, mesh, rules)
+    if beam_convention not in ("release", "transformers5"):
+        raise ValueError(f"beam_convention={beam_convention!r}; expected 'release' or 'transformers5'")
+    settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                    stop_ids=tuple(int(s) for s in stop_ids), beam_convention=beam_convention)
     knobs = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
              "length_penalty": jnp.float32(length_penalty)}
+    return settings, knobs
+
+
+def generate_text(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], *, max_new_tokens: int,
+                  rng: jax.Array | None = None, bucket: int = BUCKET, mesh: jax.sharding.Mesh | None = None,
+                  rules: sh.Rules = sh.LOGICAL_RULES, **options: Any) -> Generated:
+    """New tokens after each (left-padded) prompt row: greedy, sampled (`do_sample`, `temperature`,
+    `top_k`, `top_p`) or beam search (`num_beams` > 1, `length_penalty`; transformers 4.31's
+    algorithm as the release uses it, or transformers 5's with `beam_convention="transformers5"`:
+    see `emu2_jax.inference.beam`), each row stopping at any of `stop_ids` (default `</s>`).
+    With a `mesh`, parameters keep the shardings they were placed with and activations and the
+    cache follow the logical-axis `rules`."""
+    settings, knobs = _settings(max_new_tokens=max_new_tokens, **options)
+    length = bucket_length(prompt["tokens"].shape[1], bucket)
+    check_fits(model.config, length, max_new_tokens)
+    fn = _compiled_generate(model.config, length + max_new_tokens, mesh, rules, **settings)
     rng = jax.random.key(0) if rng is None else rng
     tokens, lengths = jax.device_get(fn(params, pad_prompt(prompt, length), rng, knobs))
     return Generated(np.asarray(tokens), np.asarray(lengths))
+
+
+def continue_text(model: Emu2Model, params: PyTree, state: Decoding, *, max_new_tokens: int,
+                  rng: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+                  rules: sh.Rules = sh.LOGICAL_RULES, **options: Any) -> Generated:
+    """`generate_text` from a state whose cache is `model.config.llm.max_cache_length` long (a
+    conversation's); the state itself is left as it was."""
+    settings, knobs = _settings(max_new_tokens=max_new_tokens, **options)
+    fn = _compiled_continue(model.config, mesh, rules, **settings)
+    rng = jax.random.key(0) if rng is None else rng
+    tokens, lengths = jax.device_get(fn(params, state, rng, knobs))
+    return Generated(np.asarray(tokens), np.asarray(lengths))
+
+
+def prefill_prompt(model: Emu2Model, params: PyTree, cache: PyTree, prompt: Mapping[str, Any], *,
+                   mesh: jax.sharding.Mesh | None = None, rules: sh.Rules = sh.LOGICAL_RULES) -> Decoding:
+    """Jitted `prefill` of a prompt onto `cache` (of the config's length; `init_cache` for a new one)."""
+    return _compiled_prefill(model.config, mesh, rules)(params, cache, prompt)

@@ -46,6 +46,11 @@ class Emu2Config:
             raise ValueError("connector='causal_transformer' needs a causal_transformer config")
 
     @property
+    def boi_token_id(self) -> int:
+        """`[IMG]`: the added tokens are [PAD], [IMG], [/IMG], <image>, ... in the checkpoint's order."""
+        return self.image_token_id - 2
+
+    @property
     def visual_embed_dim(self) -> int:
         """Width of the regressed visual embeddings (the connector's output before project_up)."""
         if self.connector == "causal_transformer":
@@ -157,6 +162,13 @@ class Emu2Model(nn.Module):
                                                dtype=self.config.llm.dtype)
         return _losses(nll, correct, self.project_down(hidden).astype(jnp.float32), visual_target, batch,
                        text_weight, image_weight)
+
+    def project_visual(self, visual: jax.Array) -> jax.Array:
+        """Visual embeddings [..., Dv] -> LLM input embeddings [..., D]: the connector's `project_up`
+        (what fills the placeholders; image generation feeds its own predictions back through it)."""
+        dtype = self.config.llm.dtype
+        kernel = self.connector.variables["params"]["project_up"]["kernel"]
+        return jnp.einsum("...v,vd->...d", visual.astype(dtype), kernel.astype(dtype))
 
     def decode_step(self, inputs_embeds: jax.Array, positions: jax.Array,
                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -14,6 +14,7 @@ Emu2Model's, so converted or trained Emu2 encoder weights load with `init_from`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,31 +102,56 @@ class VisualDecoderModel(nn.Module):
         return self.predict_noise(latents, jnp.zeros(latents.shape[:1], jnp.int32), context, ids)
 
 
+@functools.lru_cache(maxsize=8)
+def _sampling_fns(config: DecoderModelConfig):
+    """(noise prediction for diffusion.euler_sample, jitted condition, jitted VAE decode) of a config:
+    one function object per config, so repeated sampling reuses the compiled programs."""
+    model = VisualDecoderModel(config)
+
+    def predict(params, latents, timesteps, context, added):
+        return model.apply({"params": params}, latents, timesteps, context, added["time_ids"],
+                           method=VisualDecoderModel.predict_noise)
+
+    condition = jax.jit(lambda params, images: model.apply({"params": params}, images,
+                                                           method=VisualDecoderModel.condition))
+    decode = jax.jit(lambda params, latents: model.apply({"params": params}, latents,
+                                                         method=VisualDecoderModel.decode_latents))
+    return predict, condition, decode
+
+
+def autoencoding_condition(model: VisualDecoderModel, params: PyTree, images: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+    """(cond [B, n, Dv], uncond [1, n, Dv]) of normalised encoder images [B, S, S, 3]: their own
+    pooled encoding and the zero image's (docs/model.md#image-generation)."""
+    _, condition, _ = _sampling_fns(model.config)
+    return condition(params, images), condition(params, jnp.zeros((1, *images.shape[1:]), images.dtype))
+
+
 def sample_images(model: VisualDecoderModel, params: PyTree, images: jax.Array, rng: jax.Array, *,
                   num_steps: int = 50, guidance_scale: float = 3.0,
                   original_size: tuple[int, int] | None = None) -> jax.Array:
-    """Autoencoding: normalised encoder images [B, S, S, 3] -> decoded images [B, D, D, 3] in [0, 1].
+    """Autoencoding: normalised encoder images [B, S, S, 3] -> decoded images [B, D, D, 3] in [0, 1]."""
+    cond, uncond = autoencoding_condition(model, params, images)
+    return sample_from_embeddings(model, params, cond, uncond, rng, num_steps=num_steps,
+                                  guidance_scale=guidance_scale, original_size=original_size)
 
-    Euler sampling with classifier-free guidance against the zero-image encoding (docs/model.md#image-generation);
-    time_ids = original_size (default (D, D)) + (0, 0) + (D, D).
-    """
+
+def sample_from_embeddings(model: VisualDecoderModel, params: PyTree, cond: jax.Array, uncond: jax.Array,
+                           rng: jax.Array, *, num_steps: int = 50, guidance_scale: float = 3.0,
+                           original_size: tuple[int, int] | None = None) -> jax.Array:
+    """Visual embeddings cond [B, n, Dv] (regressed by the LLM or pooled from an image) -> decoded
+    images [B, D, D, 3] in [0, 1]: Euler sampling with classifier-free guidance against uncond
+    [1 or B, n, Dv], then the VAE. time_ids = original_size (default (D, D)) + (0, 0) + (D, D)."""
     cfg = model.config
+    chex.assert_shape(cond, (None, cfg.n_query, cfg.vision.width))
+    predict, _, decode = _sampling_fns(cfg)
     d = cfg.decoder_image_size
-    variables = {"params": params}
-    cond = model.apply(variables, images, method=VisualDecoderModel.condition)
-    uncond = model.apply(variables, jnp.zeros((1, *images.shape[1:]), images.dtype),
-                         method=VisualDecoderModel.condition)
-    batch = images.shape[0]
+    batch = cond.shape[0]
     ids = jnp.tile(jnp.asarray([*(original_size or (d, d)), 0, 0, d, d], jnp.float32), (batch, 1))
-
-    def apply_fn(p, latents, timesteps, context, added):
-        return model.apply({"params": p}, latents, timesteps, context, added["time_ids"],
-                           method=VisualDecoderModel.predict_noise)
-
-    latents = diffusion.euler_sample(apply_fn, params, cond, uncond, (batch, *cfg.latent_shape), rng,
-                                     num_steps=num_steps, guidance_scale=guidance_scale,
-                                     added_cond={"time_ids": ids})
-    return model.apply(variables, latents, method=VisualDecoderModel.decode_latents)
+    latents = diffusion.euler_sample(predict, params, jnp.asarray(cond), jnp.asarray(uncond),
+                                     (batch, *cfg.latent_shape), rng, num_steps=num_steps,
+                                     guidance_scale=guidance_scale, added_cond={"time_ids": ids})
+    return decode(params, latents)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

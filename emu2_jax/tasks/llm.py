@@ -58,14 +58,10 @@ def model_config(config: ml_collections.ConfigDict) -> emu2.Emu2Config:
 
 def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> tokenizer_lib.Tokenizer:
     """The tokenizer whose vocabulary (with or without the two chat tokens) matches the model's."""
-    path = config.data.tokenizer_path or None
-    for with_chat in (True, False):
-        tok = tokenizer_lib.load_tokenizer(path, with_chat_tokens=with_chat)
-        if tok.vocab_size == model_cfg.llm.vocab_size:
-            return tok
-    raise ValueError(f"tokenizer {tok.name} has {tok.base_vocab_size} pieces: with Emu2's added tokens that "
-                     f"does not give the model's vocabulary of {model_cfg.llm.vocab_size}; point "
-                     f"--config.data.tokenizer_path at the model's sentencepiece tokenizer.model")
+    try:
+        return tokenizer_lib.tokenizer_for_vocab(config.data.tokenizer_path or None, model_cfg.llm.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{e} (--config.data.tokenizer_path)") from None
 
 
 def batch_sizes(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> dict[str, int]:

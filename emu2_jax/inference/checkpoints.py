@@ -1,0 +1,134 @@
+"""Loading what inference runs on: any checkpoint the project writes.
+
+- a training workdir of an LLM stage (stage1, stage2, chat, gen, emu1_chat), its `checkpoints/`
+  folder (the latest step) or one step folder: the run config saved with it gives the model and
+  the tokenizer;
+- an `init_from` directory: a checkpoint converted by `python -m emu2_jax.convert` (its
+  `emu2_jax_model.json` gives the model) or saved with `checkpointing.save_params`;
+- for the visual decoder, a `decoder`-stage workdir or a converted Emu2-Gen (encoder, UNet, VAE).
+
+Errors are one line naming the `--checkpoint` (or `--tokenizer`) and what is wrong, raised before
+any weights are read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from emu2_jax import checkpointing
+from emu2_jax.convert.stream import CONFIG_FILE
+from emu2_jax.data import tokenizer as tokenizer_lib
+from emu2_jax.models import emu2, visual_decoder
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedLlm:
+    model: emu2.Emu2Model
+    params: PyTree
+    tokenizer: tokenizer_lib.Tokenizer
+    run_config: ml_collections.ConfigDict | None   # the training run's config (None when converted)
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedDecoder:
+    model: visual_decoder.VisualDecoderModel
+    params: PyTree
+    path: str
+
+
+def _existing(path: str, flag: str = "--checkpoint") -> epath.Path:
+    root = epath.Path(path).expanduser().absolute()
+    if not root.exists():
+        raise SystemExit(f"{flag}={path}: no such file or directory")
+    return root
+
+
+def run_config(path: str) -> ml_collections.ConfigDict | None:
+    """The run config saved with the checkpoint `path` loads from, or None for a params-only one."""
+    directory, prefix = checkpointing._params_source(_existing(path))
+    run_file = directory.parent / "config" / "config.json"
+    if not prefix or not run_file.is_file():
+        return None
+    return ml_collections.ConfigDict(json.loads(run_file.read_text()))
+
+
+def _tokenizer(path: epath.Path, tokenizer: str | None, config: ml_collections.ConfigDict | None,
+               vocab_size: int) -> tokenizer_lib.Tokenizer:
+    """`--tokenizer`, else a tokenizer.model next to the checkpoint, else the run's
+    data.tokenizer_path, else the embedded one; the one matching the model's vocabulary."""
+    if tokenizer:
+        choice, flag = str(_existing(tokenizer, "--tokenizer")), "--tokenizer"
+    elif (path / "tokenizer.model").is_file():
+        choice, flag = str(path / "tokenizer.model"), "--checkpoint"
+    else:
+        choice, flag = (config.data.get("tokenizer_path") if config else "") or None, "--tokenizer"
+    try:
+        return tokenizer_lib.tokenizer_for_vocab(choice, vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
+def load_llm(path: str, *, tokenizer: str | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedLlm:
+    """Emu2Model, its params and tokenizer from a training run of an LLM stage or a converted
+    Emu2 / Emu2-Chat / Emu2-Gen checkpoint. With `mesh`, params are restored into shards."""
+    root = _existing(path)
+    config = run_config(path)
+    if config is not None and config.get("task", "llm") != "llm":
+        raise SystemExit(f"--checkpoint={path}: a {config.get('stage')!r} checkpoint has no language model; "
+                         f"give an LLM stage (stage1, stage2, chat, gen, emu1_chat) or a converted Emu2")
+    try:
+        model_config, params = checkpointing.load_pretrained(str(root), mesh)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--checkpoint={path}: {e}") from None
+    if "emu2" not in model_config:
+        raise SystemExit(f"--checkpoint={path}: holds {sorted(model_config)}, no Emu2 language model")
+    missing = [c for c in emu2.COMPONENTS if c not in params]
+    if missing:
+        raise SystemExit(f"--checkpoint={path}: no {missing} parameters (has {sorted(params)})")
+    model_cfg = model_config["emu2"]
+    return LoadedLlm(model=emu2.Emu2Model(model_cfg), params={c: params[c] for c in emu2.COMPONENTS},
+                     tokenizer=_tokenizer(root, tokenizer, config, model_cfg.llm.vocab_size), run_config=config,
+                     path=str(root))
+
+
+def load_converted_decoder(root: epath.Path) -> LoadedDecoder | None:
+    """The visual decoder of a converted Emu2-Gen checkpoint, or None when `root` is not a converted
+    checkpoint. The decoder's resolution is the UNet's `sample_size` latents times the VAE's downsampling."""
+    if not (root / CONFIG_FILE).is_file():
+        return None
+    model_config, params = checkpointing.load_pretrained(str(root))
+    missing = [part for part in ("emu2", "unet", "vae") if part not in model_config]
+    if missing:
+        raise SystemExit(f"--checkpoint={root}: a converted checkpoint without {missing}; the visual decoder "
+                         f"needs Emu2-Gen (encoder, UNet and VAE)")
+    saved = json.loads((root / CONFIG_FILE).read_text())
+    emu2_cfg, vae_cfg = model_config["emu2"], model_config["vae"]
+    config = visual_decoder.DecoderModelConfig(
+        vision=emu2_cfg.vision, unet=model_config["unet"], vae=vae_cfg, n_query=emu2_cfg.n_query,
+        decoder_image_size=int(saved["unet"].get("sample_size", 128)) * vae_cfg.downsample_factor)
+    return LoadedDecoder(visual_decoder.VisualDecoderModel(config), {k: params[k] for k in ("visual", "unet", "vae")},
+                         str(root))
+
+
+def load_decoder(path: str) -> LoadedDecoder:
+    """The visual decoder of a `decoder`-stage training run or of a converted Emu2-Gen."""
+    root = _existing(path)
+    converted = load_converted_decoder(root)
+    if converted is not None:
+        return converted
+    config = run_config(path)
+    if config is None or config.get("stage") != "decoder":
+        stage = config.get("stage") if config else None
+        raise SystemExit(f"--decoder_checkpoint={path}: " + (f"a {stage!r} checkpoint, not the visual decoder's "
+                         "(configs/decoder.py)" if stage else "neither a decoder-stage run nor a converted "
+                         "Emu2-Gen"))
+    model_config, params = checkpointing.load_pretrained(str(root))
+    return LoadedDecoder(visual_decoder.VisualDecoderModel(model_config["decoder"]), params, str(root))
