@@ -25,3 +25,19 @@ def message_lines(stderr: str) -> list[str]:
     """stderr without absl's log lines (`I1204 21:03:35.23 ...`): what the command said on exiting."""
     return [line for line in stderr.splitlines()
             if line.strip() and not (line[:1] in "IWEF" and line[1:5].isdigit())]
+
+
+def write_initial_checkpoint(path, config) -> str:
+    """A workdir whose latest checkpoint (step 1) holds `config`'s initial training state, saved by
+    the trainer's own checkpointing: what a run writes, without the minutes of training."""
+    import jax
+
+    from emu2_jax import checkpointing, train
+
+    trainer = train.create_trainer(config, devices=jax.devices()[:1])
+    state = train.init_state(trainer, config)
+    manager = checkpointing.create_manager(path, save_every_steps=1, keep=1, async_save=False)
+    checkpointing.save_checkpoint(manager, 1, state, {}, config, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return str(path)

@@ -3,13 +3,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import decoder
-from emu2_jax import autoencode, checkpointing, train
+from emu2_jax import autoencode
 from tests import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,15 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A decoder-stage workdir whose latest checkpoint (step 1) holds the tiny model's initial state."""
-    path = tmp_path_factory.mktemp("decoder_run")
-    config = decoder.get_config("tiny")
-    trainer = train.create_trainer(config, devices=jax.devices()[:1])
-    state = train.init_state(trainer, config)
-    manager = checkpointing.create_manager(path, save_every_steps=1, keep=1, async_save=False)
-    checkpointing.save_checkpoint(manager, 1, state, {}, config, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    return path
+    return cli.write_initial_checkpoint(tmp_path_factory.mktemp("decoder_run"), decoder.get_config("tiny"))
 
 
 @pytest.fixture(scope="module")
