@@ -37,9 +37,10 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from emu2_jax import cli, generate, metrics, train
+from emu2_jax import cli, metrics, train
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
+from emu2_jax.inference import text
 from emu2_jax.tasks import llm as llm_task
 
 GIB = 2 ** 30
@@ -193,7 +194,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
 def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Device], *, batch_size: int,
                       prompt_len: int):
     """(trainer, (compiled prefill, its FLOPs), (compiled decode step, its FLOPs)) of the KV-cached LLM
-    with weights in the compute dtype.
+    with weights in the compute dtype: `emu2_jax.inference.text`'s own prefill and token step.
 
     Prefill: images through the encoder, then the whole prompt into the cache; decode: one token.
     """
@@ -206,7 +207,7 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
     params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           trainer.abstract_state.params, trainer.param_shardings)
     rows = sh.batch_sharding(mesh, trainer.rules, leading_accum=False)
-    cache_shapes = jax.eval_shape(lambda: generate.init_cache(model, batch_size))
+    cache_shapes = jax.eval_shape(lambda: text.init_cache(model, batch_size))
     # Cache leaves are [layers, B, ...] (scanned): rows over the batch axes; the per-layer index replicated.
     layer_rows = sh.batch_sharding(mesh, trainer.rules)
     cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layer_rows if s.ndim > 1 else
@@ -215,26 +216,19 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
     prompt = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows)
               for k, s in layout.abstract(layout.PROMPT, rows=batch_size, **sizes).items()}
 
-    def prefill(params, cache, prompt):
-        embeds, _ = model.apply({"params": params}, prompt["tokens"], prompt["images"], prompt["image_valid"],
-                                prompt["image_is_frame"], method=type(model).embed_inputs)
-        (logits, _), mutated = model.apply({"params": params, "cache": cache}, embeds, prompt["positions"],
-                                           prompt["segment_ids"], method=type(model).decode_step, mutable=["cache"])
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
-
-    def decode(params, cache, token, position):
-        embed = model.apply({"params": params}, token[:, None], method=lambda m, t: m.llm.embed(t))
-        (logits, _), mutated = model.apply({"params": params, "cache": cache}, embed, position[:, None],
-                                           jnp.ones_like(position)[:, None], method=type(model).decode_step,
-                                           mutable=["cache"])
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
-
-    cache_out = jax.tree.map(lambda s: s.sharding, cache)
+    # The serving code itself (emu2_jax.inference.text): prefill of the prompt, then one cached token.
+    prefill = lambda params, cache, prompt: text.prefill(model, params, cache, prompt)
+    decode = lambda params, state, token: text.feed_tokens(model, params, state, token)
+    state = jax.eval_shape(prefill, params, cache, prompt)
+    vectors = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows),
+                           state.replace(cache=None))
+    state = vectors.replace(cache=cache)
+    state_out = jax.tree.map(lambda s: s.sharding, state)
     token = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
     out = []
-    for fn, args in ((prefill, (params, cache, prompt)), (decode, (params, cache, token, token))):
-        traced = jax.jit(sh.with_logical_rules(fn, mesh, trainer.rules), out_shardings=(rows, cache_out),
-                         donate_argnums=(1,)).trace(*args)
+    for fn, args, donate in ((prefill, (params, cache, prompt), 1), (decode, (params, state, token), 1)):
+        traced = jax.jit(sh.with_logical_rules(fn, mesh, trainer.rules), out_shardings=state_out,
+                         donate_argnums=(donate,)).trace(*args)
         out.append((traced.lower().compile(), jaxpr_flops(traced.jaxpr.jaxpr)))
     return trainer, out[0], out[1]
 

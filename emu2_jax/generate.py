@@ -1,93 +1,213 @@
-"""Greedy text decoding with the LLM's KV cache (captions, answers).
+r"""Run a checkpoint: text from interleaved image-text prompts, or images through the visual decoder.
 
-The prompt is a batch in the training layout (`tokens`, `positions`, `segment_ids`, `images`,
-`image_valid`, `image_is_frame`), left-padded so that every row ends at the last column: padding
-has segment 0 and every prompt token segment 1. One prefill call writes the whole prompt into the
-cache; each new token is then one cached step at position (prompt length + i).
+    python -m emu2_jax.generate --checkpoint=DIR --prompt="[<IMG_PLH>]Describe the image in details:" \
+        --image=a.png [--num_beams=5 --length_penalty=-1 --max_new_tokens=64]
+    python -m emu2_jax.generate --checkpoint=DIR --prompt="[<IMG_PLH>]" --prompt="[<IMG_PLH>]what is it?" \
+        --image=a.png --image=b.png --sample --temperature=0.7 --top_p=0.9 --seed=1
+    python -m emu2_jax.generate --checkpoint=GEN --prompt="a red apple on a table" --output_image=apple.png \
+        [--decoder_checkpoint=DIR --steps=50 --guidance=3.0 --negative_prompt="" --save_embeddings=x.npy]
+    python -m emu2_jax.generate --checkpoint=DIR --prompts_file=prompts.jsonl   # {"prompt", "images"} rows
 
-    generate = make_greedy_generate(model, max_new_tokens=32)
-    new_tokens = generate(params, prompt)            # [B, max_new_tokens] int32
-    texts = [tokenizer.decode(truncate_at(row, eos_id)) for row in np.asarray(new_tokens)]
+`--checkpoint` is a training workdir of an LLM stage (or its checkpoints/ folder or one step's
+folder) or a converted checkpoint (`python -m emu2_jax.convert`). Each `[<IMG_PLH>]` of the prompts
+takes the next `--image`, in order over all prompts (a prompts file names each row's own images,
+relative to the file). All prompts run as one batch; the answers print one per line, in order.
+
+With `--output_image` each prompt becomes an image instead (Emu2-Gen): the LLM regresses the
+image's visual embeddings after `[IMG]`, the visual decoder (of `--decoder_checkpoint`, default
+`--checkpoint`: a converted Emu2-Gen holds both; or a decoder-stage workdir) draws them with
+classifier-free guidance against the empty prompt's regression (or `--negative_prompt`'s). A
+prompt that is exactly one image is autoencoded (conditioned on the image's own encoding). Several
+prompts write `out_0.png`, `out_1.png`, ...; `--save_embeddings` writes the embeddings [B, n, Dv].
+Text decoding defaults to greedy; the release evaluates with `--num_beams=5 --length_penalty=-1`
+and chats with `--num_beams=5 --length_penalty=2` (docs/inference.md).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+import time
 from typing import Any
 
-import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from PIL import Image
 
-from emu2_jax.models import llama
-from emu2_jax.models.emu2 import Emu2Model
-
-
-def init_cache(model: Emu2Model, batch_size: int) -> dict[str, Any]:
-    """An empty KV cache (`cache` collection) of `Emu2Model` for `batch_size` rows."""
-    return {"llm": llama.init_cache(model.config.llm, batch_size)}
-
-
-def make_greedy_generate(model: Emu2Model, *, max_new_tokens: int
-                         ) -> Callable[[Mapping[str, Any], Mapping[str, jax.Array]], jax.Array]:
-    """A jitted `generate(params, prompt) -> [B, max_new_tokens]` of argmax tokens.
-
-    params: the model's params dict (without the `params` collection key). Rows keep generating
-    after their end-of-sequence token; `truncate_at` cuts them on the host.
-    """
-    max_cache = model.config.llm.max_cache_length
-
-    def generate(params: Mapping[str, Any], prompt: Mapping[str, jax.Array]) -> jax.Array:
-        tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
-        chex.assert_equal_shape((tokens, positions, segment_ids))
-        batch, prompt_len = tokens.shape
-        if prompt_len + max_new_tokens > max_cache:
-            raise ValueError(f"prompt length {prompt_len} + {max_new_tokens} new tokens exceeds the KV cache "
-                             f"({max_cache} slots, llm.max_cache_length)")
-        variables = {"params": params}
-        embeds, _ = model.apply(variables, tokens, prompt["images"], prompt["image_valid"],
-                                prompt["image_is_frame"], method=Emu2Model.embed_inputs)
-        (logits, _), mutated = model.apply(
-            {**variables, "cache": init_cache(model, batch)}, embeds, positions, segment_ids,
-            method=Emu2Model.decode_step, mutable=["cache"])
-        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        next_position = jnp.max(positions, axis=1) + 1
-        ones = jnp.ones((batch, 1), jnp.int32)
-
-        def step(carry, i):
-            cache, token = carry
-            embed = model.apply(variables, token[:, None], method=lambda m, t: m.llm.embed(t))
-            (logits, _), mutated = model.apply(
-                {**variables, "cache": cache}, embed, (next_position + i)[:, None], ones,
-                method=Emu2Model.decode_step, mutable=["cache"])
-            following = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-            return (mutated["cache"], following), following
-
-        _, rest = jax.lax.scan(step, (mutated["cache"], first), jnp.arange(max_new_tokens - 1))
-        return jnp.concatenate([first[:, None], rest.T], axis=1)
-
-    return jax.jit(generate)
+from emu2_jax import cli
+from emu2_jax import sharding as sh
+from emu2_jax.data import images as image_lib
+from emu2_jax.data import tokenizer as tk
+from emu2_jax.inference import checkpoints, images, prompts, text
 
 
-def truncate_at(tokens: Sequence[int] | np.ndarray, stop_ids: int | Sequence[int]) -> list[int]:
-    """The tokens before the first stop id (e.g. `</s>`, [EOC])."""
-    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
-    out = []
-    for token in np.asarray(tokens).tolist():
-        if token in stops:
-            break
-        out.append(token)
-    return out
+def read_image(path: str, flag: str = "--image") -> np.ndarray:
+    """uint8 [H, W, 3] of an image file; SystemExit naming it when unreadable."""
+    try:
+        data = epath.Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise SystemExit(f"{flag}={path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return image_lib.decode_image(data)
+    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
+        raise SystemExit(f"{flag}={path}: not a readable image ({e})") from None
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """tokens / positions / segment_ids [B, P] of prompts left-padded to the longest one."""
-    length = max(len(r) for r in rows)
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    segment_ids = np.zeros((len(rows), length), np.int32)
-    positions = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, length - len(row):] = row
-        segment_ids[i, length - len(row):] = 1
-        positions[i, length - len(row):] = np.arange(len(row))
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+def read_prompts(prompt_flags: list[str], image_flags: list[str], prompts_file: str | None
+                 ) -> list[tuple[str, list[np.ndarray]]]:
+    """[(prompt text, its images)] from --prompt / --image or a JSONL prompts file, checked before loading."""
+    if bool(prompt_flags) == bool(prompts_file):
+        raise SystemExit("give --prompt (repeatable) or --prompts_file, not both and not neither")
+    if prompts_file:
+        if image_flags:
+            raise SystemExit("--image goes with --prompt; a --prompts_file row names its own \"images\"")
+        path = epath.Path(prompts_file).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"--prompts_file={prompts_file}: no such file")
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text_, names = row["prompt"], row.get("images", [])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SystemExit(f"--prompts_file={prompts_file}: line {number} is not a JSON object with a "
+                                 f"\"prompt\" ({e})") from None
+            rows.append((text_, [read_image(str(path.parent / n), f"--prompts_file line {number}: image")
+                                 for n in names]))
+        if not rows:
+            raise SystemExit(f"--prompts_file={prompts_file}: no prompts in it")
+        return rows
+    wanted = sum(p.count(tk.IMG_PLACEHOLDER) for p in prompt_flags)
+    if wanted != len(image_flags):
+        raise SystemExit(f"the prompts hold {wanted} {tk.IMG_PLACEHOLDER} but {len(image_flags)} --image were given")
+    pixels = iter([read_image(p) for p in image_flags])
+    return [(p, [next(pixels) for _ in range(p.count(tk.IMG_PLACEHOLDER))]) for p in prompt_flags]
+
+
+def check_arguments(f: flags.FlagValues) -> None:
+    if f.max_new_tokens < 1:
+        raise SystemExit(f"--max_new_tokens={f.max_new_tokens}: must be >= 1")
+    if f.num_beams < 1:
+        raise SystemExit(f"--num_beams={f.num_beams}: must be >= 1")
+    if f.sample and f.num_beams > 1:
+        raise SystemExit("--sample with --num_beams > 1: beam sampling is not supported")
+    if f.sample and (f.temperature <= 0 or not 0 < f.top_p <= 1 or f.top_k < 0):
+        raise SystemExit(f"--temperature={f.temperature} must be > 0, --top_p={f.top_p} in (0, 1], "
+                         f"--top_k={f.top_k} >= 0")
+    if f.steps < 1:
+        raise SystemExit(f"--steps={f.steps}: must be >= 1")
+    for flag in ("output_image", "save_embeddings"):
+        value = f[flag].value
+        if value and epath.Path(value).expanduser().is_dir():
+            raise SystemExit(f"--{flag}={value}: is a directory; name the file to write")
+
+
+def output_paths(out: str, count: int) -> list[str]:
+    """`out` for one image; `stem_0.png`, `stem_1.png`, ... for several."""
+    if count == 1:
+        return [out]
+    path = epath.Path(out)
+    return [str(path.parent / f"{path.stem}_{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def generate_images(loaded: checkpoints.LoadedLlm, rows: list[prompts.Row], raw: list[tuple[str, list]],
+                    f: flags.FlagValues) -> np.ndarray:
+    decoder = checkpoints.load_decoder(f.decoder_checkpoint or f.checkpoint)
+    cfg, tok = loaded.model.config, loaded.tokenizer
+    generator = images.ImageGenerator(
+        loaded.model, loaded.params, decoder.model, decoder.params,
+        prompt_fn=lambda t, ims: prompts.batch([prompts.build_row(tok, cfg, t, ims)], cfg, tok.pad_id))
+    rng = jax.random.key(f.seed)
+    autoencoding = [p.strip() == tk.IMG_PLACEHOLDER and len(ims) == 1 for p, ims in raw]
+    outputs, embeddings = [None] * len(rows), [None] * len(rows)
+    for autoencode in (True, False):  # one batch per mode
+        index = [i for i, a in enumerate(autoencoding) if a == autoencode]
+        if not index:
+            continue
+        if autoencode:
+            pixels = np.stack([prompts.encoder_pixels(raw[i][1][0], decoder.model.config.vision.image_size)
+                               for i in index])
+            drawn, cond = generator.autoencode(pixels, rng, num_steps=f.steps, guidance_scale=f.guidance)
+        else:
+            batch = prompts.batch([rows[i] for i in index], cfg, tok.pad_id)
+            drawn, cond = generator.generate(batch, rng, num_steps=f.steps, guidance_scale=f.guidance,
+                                             negative_prompt=f.negative_prompt)
+        for j, i in enumerate(index):
+            outputs[i], embeddings[i] = drawn[j], cond[j]
+    for path, image in zip(output_paths(f.output_image, len(rows)), outputs):
+        epath.Path(path).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path, format="PNG")
+        print(f"wrote {path} ({image.shape[1]}x{image.shape[0]})", flush=True)
+    return np.stack(embeddings)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
+    f = flags.FLAGS
+    check_arguments(f)
+    raw = read_prompts(f.prompt, f.image, f.prompts_file)
+    mesh = sh.create_mesh([int(x) for x in f.mesh_shape.split(",")]) if f.mesh_shape else None
+    started = time.perf_counter()
+    loaded = checkpoints.load_llm(f.checkpoint, tokenizer=f.tokenizer, mesh=mesh)
+    cfg, tok = loaded.model.config, loaded.tokenizer
+    try:
+        rows = [prompts.build_row(tok, cfg, p, ims) for p, ims in raw]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    logging.info("Loaded %s in %.1fs; %d prompt(s), longest %d tokens.", loaded.path, time.perf_counter() - started,
+                 len(rows), max(len(r.ids) for r in rows))
+    started = time.perf_counter()
+    if f.output_image:
+        embeddings = generate_images(loaded, rows, raw, f)
+    else:
+        batch = prompts.batch(rows, cfg, tok.pad_id)
+        if f.save_embeddings:
+            embeddings = images.generate_image_embeddings(loaded.model, loaded.params, batch, mesh=mesh)
+        options: dict[str, Any] = dict(max_new_tokens=f.max_new_tokens, num_beams=f.num_beams,
+                                       length_penalty=f.length_penalty, stop_ids=(tok.eos_id,))
+        if f.sample:
+            options.update(do_sample=True, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+        try:
+            generated = text.generate_text(loaded.model, loaded.params, batch, rng=jax.random.key(f.seed), mesh=mesh,
+                                           **options)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        new_tokens = int(generated.lengths.sum())
+        seconds = time.perf_counter() - started
+        logging.info("%d new tokens in %.1fs (%.1f tokens/s, compilation included).", new_tokens, seconds,
+                     new_tokens / max(seconds, 1e-9))
+        for row in generated.rows():
+            print(tok.decode(row, skip_special_tokens=True).strip(), flush=True)
+    if f.save_embeddings:
+        epath.Path(f.save_embeddings).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        np.save(f.save_embeddings, np.asarray(embeddings, np.float32))
+        print(f"wrote {f.save_embeddings} {tuple(np.shape(embeddings))}", flush=True)
+
+
+if __name__ == "__main__":  # flags only for the command, so the module imports next to others' flags
+    flags.DEFINE_string("checkpoint", None, "LLM-stage training workdir / step folder, or a converted checkpoint.")
+    flags.DEFINE_multi_string("prompt", [], "A prompt; [<IMG_PLH>] takes the next --image. Repeat for a batch.")
+    flags.DEFINE_multi_string("image", [], "Images for the prompts' [<IMG_PLH>], in order.")
+    flags.DEFINE_string("prompts_file", None, "JSONL of {\"prompt\": ..., \"images\": [paths relative to it]}.")
+    flags.DEFINE_string("tokenizer", None, "sentencepiece tokenizer.model (default: the checkpoint's or run's).")
+    flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
+    flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1: greedy or sampling).")
+    flags.DEFINE_float("length_penalty", 1.0, "Beam search: a hypothesis scores log-prob sum / length ** this.")
+    flags.DEFINE_bool("sample", False, "Sample instead of greedy decoding.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this much probability.")
+    flags.DEFINE_integer("seed", 0, "Seed of sampling and of the image latents.")
+    flags.DEFINE_string("output_image", None, "Generate images instead of text; PNG path.")
+    flags.DEFINE_string("decoder_checkpoint", None, "Visual decoder (default --checkpoint).")
+    flags.DEFINE_integer("steps", 50, "Euler sampling steps.")
+    flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
+    flags.DEFINE_string("negative_prompt", "", "Unconditional prompt of the guidance (default: empty).")
+    flags.DEFINE_string("save_embeddings", None, "Write the regressed visual embeddings [B, n, Dv] (.npy).")
+    flags.DEFINE_string("mesh_shape", "", "data,fsdp,tensor device mesh, e.g. 1,-1,1 (default: one device).")
+    flags.mark_flags_as_required(["checkpoint"])
+    app.run(main)

@@ -9,3 +9,4 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import tests.torch_refs  # noqa: E402,F401
+from tests.inference_fixtures import photos, tiny_emu2  # noqa: E402,F401  (shared fixtures)

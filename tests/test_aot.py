@@ -47,6 +47,19 @@ def test_tiny_stage_compiles_for_v5p_and_reports_sane_numbers():
     assert 0 < mfu <= 100
 
 
+def test_serving_prefill_and_decode_compile_for_v5p():
+    """--mode=infer compiles emu2_jax.inference.text's own prefill and token step, sharded."""
+    pytest.importorskip("libtpu", reason="libtpu (pip install libtpu) describes TPU topologies for compiling")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-m", "emu2_jax.aot", "--config=configs/stage2.py:tiny", "--mode=infer",
+                          "--topology=v5p:2x2x1", "--prompt_len=96"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "inference prefill" in run.stdout and "inference decode step" in run.stdout
+    assert "batch 4, prompt 96 tokens" in run.stdout
+    assert run.stdout.count("fits=true") == 2, run.stdout[-2000:]
+
+
 def test_jaxpr_flops_counts_scans_and_remat():
     def layer(x, w):
         return jnp.tanh(x @ w), None

@@ -1,71 +1,95 @@
-"""Greedy decoding with the KV cache equals greedy decoding by full recomputation."""
+"""`python -m emu2_jax.generate` on tiny checkpoints written by the trainer; greedy decoding of
+image prompts with left padding equals the argmax of full forwards."""
+import json
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from emu2_jax import generate
-from emu2_jax.models import emu2, presets
+from configs import decoder, gen
+from emu2_jax.data import tokenizer as tk
+from emu2_jax.inference import prompts, text
+from tests import cli
 
-NEW_TOKENS = 6
+EMBEDDED_IMAGE = str(sorted((tk.EMBEDDED_DIR / "images").iterdir())[0])
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = presets.get_config("tiny")
-    model = emu2.Emu2Model(config)
-    size = config.vision.image_size
-    rng = np.random.default_rng(0)
-    image_run = [config.image_token_id - 2] + [config.image_token_id] * config.n_query + [config.image_token_id - 1]
-    prompts = [[1] + image_run + [50, 60, 70], [1] + image_run + [80]]
-    images = rng.normal(size=(2, 1, size, size, 3)).astype(np.float32)
-    batch = {**generate.left_pad(prompts, pad_id=config.image_token_id - 3), "images": images,
-             "image_valid": np.ones((2, 1), bool), "image_is_frame": np.zeros((2, 1), bool)}
-    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-    return model, params, prompts, images
+def runs(tmp_path_factory):
+    """(gen-stage LLM workdir, decoder-stage workdir): tiny initial states saved by the trainer."""
+    return (cli.write_initial_checkpoint(tmp_path_factory.mktemp("gen_run"), gen.get_config("tiny")),
+            cli.write_initial_checkpoint(tmp_path_factory.mktemp("decoder_run"), decoder.get_config("tiny")))
 
 
-def _reference_greedy(forward, prompt, image, steps, length):
-    """Argmax of a full (uncached) forward over the growing sequence, one row without padding.
-
-    The row is right-padded to a fixed length (segment 0: causal attention never sees it) so that
-    one compiled forward serves every step.
-    """
-    tokens = list(prompt)
-    for _ in range(steps):
-        n = len(tokens)
-        row = {"tokens": np.array([tokens + [0] * (length - n)], np.int32),
-               "positions": np.arange(length, dtype=np.int32)[None],
-               "segment_ids": (np.arange(length) < n).astype(np.int32)[None], "images": image[None],
-               "image_valid": np.ones((1, 1), bool), "image_is_frame": np.zeros((1, 1), bool)}
-        tokens.append(int(jnp.argmax(forward(row)[0, n - 1])))
-    return tokens[len(prompt):]
+def generate_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "emu2_jax.generate", *args]
 
 
-def test_cached_greedy_matches_full_recompute_with_left_padding(setup):
-    model, params, prompts, images = setup
-    prompt = {**generate.left_pad(prompts, pad_id=0), "images": images,
-              "image_valid": np.ones((2, 1), bool), "image_is_frame": np.zeros((2, 1), bool)}
-    out = np.asarray(generate.make_greedy_generate(model, max_new_tokens=NEW_TOKENS)(params, prompt))
-    assert out.shape == (2, NEW_TOKENS)
+def test_text_of_a_batch_of_prompts(runs, tmp_path):
+    llm_run, _ = runs
+    prompts_file = tmp_path / "prompts.jsonl"
+    Image.open(EMBEDDED_IMAGE).save(tmp_path / "a.png")
+    prompts_file.write_text(json.dumps({"prompt": "[<IMG_PLH>]Describe the image in details:", "images": ["a.png"]})
+                            + "\n" + json.dumps({"prompt": "a photo of"}) + "\n")
+    result = cli.run(generate_command(f"--checkpoint={llm_run}", f"--prompts_file={prompts_file}",
+                                      "--max_new_tokens=5", "--num_beams=3", "--length_penalty=-1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 2  # one answer line per prompt (may be empty text)
+    assert "new tokens in" in result.stderr
+
+
+def test_images_and_embeddings(runs, tmp_path):
+    llm_run, decoder_run = runs
+    out = tmp_path / "out.png"
+    result = cli.run(generate_command(
+        f"--checkpoint={llm_run}", f"--decoder_checkpoint={decoder_run}", "--prompt=a red square",
+        "--prompt=[<IMG_PLH>]", f"--image={EMBEDDED_IMAGE}", f"--output_image={out}", "--steps=2",
+        f"--save_embeddings={tmp_path / 'e.npy'}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    size = decoder.get_config("tiny").data.decoder_image_size
+    for i in range(2):  # a generated image and an autoencoded one
+        image = np.asarray(Image.open(tmp_path / f"out_{i}.png"))
+        assert image.shape == (size, size, 3) and image.std() > 0
+    embeddings = np.load(tmp_path / "e.npy")
+    assert embeddings.shape[0] == 2 and np.isfinite(embeddings).all()
+    assert np.abs(embeddings[0] - embeddings[1]).max() > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompt=[<IMG_PLH>] and [<IMG_PLH>]", f"--image={EMBEDDED_IMAGE}"], "hold 2 [<IMG_PLH>] but 1 --image"),
+    (["--prompt=hi", "--image=/nowhere/x.png", "--prompt=[<IMG_PLH>]"], "--image=/nowhere/x.png: cannot read it"),
+    (["--prompt=hi", "--num_beams=2", "--sample"], "beam sampling is not supported"),
+    (["--prompt=hi", "--prompts_file=p.jsonl"], "not both and not neither"),
+])
+def test_bad_arguments_are_refused_before_loading(tmp_path, args, expected):
+    result = cli.run(generate_command(f"--checkpoint={tmp_path / 'nowhere'}", *args))
+    assert result.returncode != 0
+    assert any(expected in line for line in cli.message_lines(result.stderr)), result.stderr[-2000:]
+
+
+def test_checkpoint_errors_name_the_flag(runs, tmp_path):
+    llm_run, decoder_run = runs
+    missing = cli.run(generate_command(f"--checkpoint={tmp_path / 'nowhere'}", "--prompt=hi"))
+    assert missing.returncode != 0 and f"--checkpoint={tmp_path / 'nowhere'}: no such" in missing.stderr
+    wrong = cli.run(generate_command(f"--checkpoint={decoder_run}", "--prompt=hi"))
+    assert wrong.returncode != 0 and "has no language model" in wrong.stderr
+
+
+def test_greedy_with_images_and_left_padding_equals_full_forward(tiny_emu2, photos):
+    model, params, tokenizer = tiny_emu2
+    cfg = model.config
+    rows = [prompts.build_row(tokenizer, cfg, "[<IMG_PLH>]a photo of", photos[:1]),
+            prompts.build_row(tokenizer, cfg, "[<IMG_PLH>]", photos[1:])]
+    batch = prompts.batch(rows, cfg, tokenizer.pad_id)
+    steps = 6
+    out = text.generate_text(model, params, batch, max_new_tokens=steps, stop_ids=(cfg.llm.vocab_size - 1,))
     forward = jax.jit(lambda row: model.apply({"params": params}, row).text_logits)
-    length = max(map(len, prompts)) + NEW_TOKENS
-    for i, row in enumerate(prompts):
-        assert out[i].tolist() == _reference_greedy(forward, row, images[i], NEW_TOKENS, length)
-
-
-def test_prompt_longer_than_cache_is_rejected(setup):
-    model, params, _, images = setup
-    prompt = {**generate.left_pad([[1] * 250], pad_id=0), "images": images[:1, :0],
-              "image_valid": np.zeros((1, 0), bool), "image_is_frame": np.zeros((1, 0), bool)}
-    with pytest.raises(ValueError, match="KV cache"):
-        generate.make_greedy_generate(model, max_new_tokens=10)(params, prompt)
-
-
-def test_left_pad_and_truncate():
-    padded = generate.left_pad([[5, 6, 7], [8]], pad_id=0)
-    np.testing.assert_array_equal(padded["tokens"], [[5, 6, 7], [0, 0, 8]])
-    np.testing.assert_array_equal(padded["segment_ids"], [[1, 1, 1], [0, 0, 1]])
-    np.testing.assert_array_equal(padded["positions"], [[0, 1, 2], [0, 0, 0]])
-    assert generate.truncate_at([4, 5, 2, 6], 2) == [4, 5]
-    assert generate.truncate_at([4, 5, 6], (2, 9)) == [4, 5, 6]
+    for i, row in enumerate(rows):
+        tokens = list(row.ids)
+        for _ in range(steps):
+            single = prompts.batch([prompts.Row(tokens, row.pixels, row.is_frame)], cfg, tokenizer.pad_id)
+            tokens.append(int(jnp.argmax(forward(single)[0, -1])))
+        assert out.rows()[i] == tokens[len(row.ids):]

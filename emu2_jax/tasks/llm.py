@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
-from emu2_jax import generate, metrics
+from emu2_jax import metrics
 from emu2_jax import sharding as sh
 from emu2_jax.convert.layouts import emu2_config_from_json
 from emu2_jax.convert.stream import CONFIG_FILE
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
+from emu2_jax.inference import text
 from emu2_jax.models import emu2, presets
 
 PyTree = Any
@@ -136,17 +136,15 @@ class LlmTask:
         config, model_cfg = self.config, self.model_cfg
         tokenizer = load_tokenizer(config, model_cfg)
         samples, pixels = load_sample_images(config, model_cfg.vision.image_size)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        prompt = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
-                              sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, pixels))
-        greedy = sh.with_logical_rules(
-            generate.make_greedy_generate(self.model, max_new_tokens=config.sample_max_new_tokens), mesh, rules)
+        prompt = sample_prompt_batch(config.sample_prompt, tokenizer, model_cfg, pixels)
+        stops = (tokenizer.eos_id, tokenizer.token_to_id(tokenizer_lib.EOC))
 
         images_written = False  # the inputs never change: once per process is enough
 
         def sample(step: int, params: PyTree, writer: metrics.SummaryWriter | None) -> None:
             nonlocal images_written
-            new_tokens = np.asarray(jax.device_get(greedy(params, prompt)))
+            new_tokens = text.generate_text(self.model, params, prompt, max_new_tokens=config.sample_max_new_tokens,
+                                            stop_ids=stops, mesh=mesh, rules=rules).rows()
             if jax.process_index() != 0:
                 return
             path, captions = write_samples(workdir, step, samples, new_tokens, tokenizer)
@@ -194,16 +192,14 @@ def sample_prompt_batch(prompt: str, tokenizer: tokenizer_lib.Tokenizer, model_c
         raise ValueError(f"sample_prompt {prompt!r} must hold exactly one {tokenizer_lib.IMG_PLACEHOLDER}")
     image = tokenizer_lib.IMG + tokenizer_lib.IMAGE * model_cfg.n_query + tokenizer_lib.IMG_END
     ids = tokenizer.encode(prompt.replace(tokenizer_lib.IMG_PLACEHOLDER, image))
-    return {**generate.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": pixels[:, None],
+    return {**text.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": pixels[:, None],
             "image_valid": np.ones((len(pixels), 1), bool), "image_is_frame": np.zeros((len(pixels), 1), bool)}
 
 
-def write_samples(workdir: str, step: int, samples: list[dict], new_tokens: np.ndarray,
+def write_samples(workdir: str, step: int, samples: list[dict], new_tokens: list[list[int]],
                   tokenizer: tokenizer_lib.Tokenizer) -> tuple[str, list[str]]:
     """Writes samples/step_<step>.json ({image, reference, caption} per sample); returns (path, captions)."""
-    stops = (tokenizer.eos_id, tokenizer.token_to_id(tokenizer_lib.EOC))
-    out = [{**s, "caption": tokenizer.decode(generate.truncate_at(row, stops), skip_special_tokens=True)}
-           for s, row in zip(samples, new_tokens)]
+    out = [{**s, "caption": tokenizer.decode(row, skip_special_tokens=True)} for s, row in zip(samples, new_tokens)]
     path = os.path.join(workdir, "samples", f"step_{step}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""A tiny random Emu2 with the embedded tokenizer, shared by the inference tests."""
+"""A tiny random Emu2 with the embedded tokenizer, and two embedded photos: fixtures of the inference tests."""
 import jax
 import numpy as np
 import pytest
