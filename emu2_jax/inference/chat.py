@@ -71,14 +71,21 @@ class Conversation:
         else:
             cache, offset = self._state.cache, int(self._state.next_position[0])
         chunk["positions"] = np.where(chunk["segment_ids"] > 0, chunk["positions"] + offset, 0).astype(np.int32)
-        self._state = text.prefill_prompt(self.model, self.params, cache, chunk)
-        self._used += columns
-        generated = text.continue_text(self.model, self.params, self._state, rng=rng, **self.generation)
+        state = text.prefill_prompt(self.model, self.params, cache, chunk)
+        generated = text.continue_text(self.model, self.params, state, rng=rng, **self.generation)
         answer_ids = generated.rows()[0]
-        self._pending = answer_ids + [self.tokenizer.eos_id]
-        answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        # Kept only now: an error or Ctrl-C above leaves the conversation as it was, not a cache
+        # holding a turn that `turns` and the pending answer do not know about.
+        self._state, self._used, self._pending = state, self._used + columns, answer_ids + [self.tokenizer.eos_id]
+        # Grounding answers are their `<phrase>` / `<object>` / `<patch_index_*>` tokens: keep them.
+        answer = self.tokenizer.decode(answer_ids, skip_special_tokens=not self.grounding).strip()
         self.turns.append((user, answer))
         return answer
+
+    @property
+    def last_answer_ids(self) -> list[int]:
+        """The ids of the last answer, without its `</s>` (for a front end's token counts)."""
+        return self._pending[:-1]
 
     def transcript(self) -> dict[str, Any]:
         return {"system": prompts.system_message(self.system), "grounding": self.grounding,
