@@ -35,6 +35,8 @@ def get_config(arg=None):
     c.decoder.vae = "tiny" if tiny else "sdxl"
     c.decoder.noise_offset = 0.1        # per-(sample, channel) offset noise
     c.decoder.condition_dropout = 0.1   # fraction of samples conditioned on the zero-image encoding
+    c.decoder.sample_steps = 8 if tiny else 50  # Euler steps of the training samples (reconstructions)
+    c.decoder.guidance_scale = 3.0
     c.trainable = ("unet",)
     c.init_components = "visual,vae,unet"
     c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the decoder's loss is the denoising MSE
@@ -54,7 +56,7 @@ def get_config(arg=None):
     c.total_steps = 8000
     c.seq_len = 1                       # no text
     c.max_images_per_row = 1
-    c.sample_every_steps = 0            # images: python -m emu2_jax.autoencode on a checkpoint
+    c.sample_every_steps = 500          # PNG grids of reconstructions (samples/step_<N>.png, TensorBoard)
 
     if tiny:
         c.optimizer.learning_rate.unet = 2e-3
@@ -64,5 +66,6 @@ def get_config(arg=None):
         c.total_steps = 60
         c.global_batch_size = 8
         c.checkpoint_every_steps = 30
+        c.sample_every_steps = 30
         c.log_every_steps = 10
     return c

@@ -3,10 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import decoder
-from emu2_jax import checkpointing, tasks, train
+from emu2_jax import checkpointing, metrics, tasks, train
 from emu2_jax.tasks import decoder as decoder_task
+from tests import tb_events
 
 STEPS = 40
 
@@ -87,6 +89,22 @@ def test_condition_dropout_in_training(run):
     *_, history = run
     rate = np.mean([float(h["cond_dropped"]) for h in history])  # over STEPS * 4 samples
     assert 0.03 < rate < 0.2
+
+
+def test_sampler_writes_a_png_grid_and_tensorboard_image(run, tmp_path):
+    config, trainer, _, state, _, _ = run
+    sample = trainer.task.create_sampler(trainer.mesh, trainer.rules, str(tmp_path))
+    writer = metrics.SummaryWriter(str(tmp_path / "tb"))
+    sample(7, state.params, writer)
+    writer.close()
+    size = config.data.decoder_image_size
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step_7.png"))
+    # inputs above reconstructions, num_samples columns, 2-pixel gutters
+    assert grid.shape == (2 * size + 2, config.num_samples * (size + 2) - 2, 3)
+    reconstructions = grid[size + 2:, :size]
+    assert reconstructions.std() > 0
+    logged = tb_events.read_images(tb_events.event_files(tmp_path / "tb")[0])
+    np.testing.assert_array_equal(logged[7]["samples/grid"], grid)
 
 
 def test_checkpoint_round_trip_and_resume(run, tmp_path):

@@ -75,6 +75,19 @@ def denormalize(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.asarray(pixels, np.float32) * CLIP_STD + CLIP_MEAN) * 255.0), 0, 255).astype(np.uint8)
 
 
+def image_grid(rows: Sequence[Sequence[np.ndarray]], size: int) -> np.ndarray:
+    """One uint8 image of `rows` of uint8 [H, W, 3] images, each resized to size x size (bicubic),
+    with a 2-pixel white gutter: sample sheets for people to look at."""
+    gutter, columns = 2, max(len(r) for r in rows)
+    sheet = np.full((len(rows) * (size + gutter) - gutter, columns * (size + gutter) - gutter, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            tile = Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+            top, left = i * (size + gutter), j * (size + gutter)
+            sheet[top:top + size, left:left + size] = np.asarray(tile)
+    return sheet
+
+
 def sample_frame_indices(num_total: int, num_frames: int) -> list[int]:
     """Uniform sampling of Emu2's video demo: the centre of each of `num_frames` equal segments
     (repeats frames when the clip is shorter than `num_frames`)."""

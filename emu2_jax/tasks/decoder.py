@@ -13,11 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
+from PIL import Image
 
 from emu2_jax import diffusion
+from emu2_jax.data import images as image_lib
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
-from emu2_jax.models import presets
+from emu2_jax.models import presets, visual_decoder
 from emu2_jax.models import unet as unet_lib
 from emu2_jax.models.emu2 import Emu2Config
 from emu2_jax.models.eva_vit import VisionConfig
@@ -134,6 +137,33 @@ class DecoderTask:
             n_query=self.model_cfg.n_query, v_query=1, max_images_per_row=1, seed=config.seed,
             shard_index=shard_index, shard_count=shard_count)
 
-    def create_sampler(self, mesh: jax.sharding.Mesh, rules: Any, workdir: str) -> None:
-        """None: no samples during training; decode images of a checkpoint with emu2_jax.autoencode."""
-        del mesh, rules, workdir
+    def create_sampler(self, mesh: jax.sharding.Mesh, rules: Any, workdir: str):
+        """Reconstructs `num_samples` images (the first batch of a differently seeded data stream) from
+        their own encoding: `<workdir>/samples/step_<N>.png`, inputs above reconstructions, and
+        TensorBoard `samples/grid`."""
+        del mesh, rules
+        config, size = self.config, self.model_cfg.decoder_image_size
+        it = pipeline.create_train_iterator(
+            config.data, tokenizer=tokenizer_lib.load_tokenizer(config.data.tokenizer_path or None),
+            seq_len=1, batch_size=config.num_samples, image_size=self.model_cfg.vision.image_size,
+            n_query=self.model_cfg.n_query, v_query=1, max_images_per_row=1, seed=config.seed + 1)
+        try:
+            inputs = next(it)["images"]
+        finally:
+            it.close()
+        out_dir = epath.Path(workdir) / "samples"
+        render = jax.jit(lambda p, images, rng: visual_decoder.sample_images(
+            self.model, p, images, rng, num_steps=config.decoder.sample_steps,
+            guidance_scale=config.decoder.guidance_scale))
+
+        def sample(step: int, params: PyTree, writer: Any) -> None:
+            drawn = visual_decoder.to_uint8(jax.device_get(render(params, jnp.asarray(inputs), jax.random.key(step))))
+            if jax.process_index() != 0:
+                return
+            grid = image_lib.image_grid([list(image_lib.denormalize(inputs)), list(drawn)], size)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(out_dir / f"step_{step}.png")
+            if writer is not None:
+                writer.images(step, {"samples/grid": grid})
+
+        return sample
