@@ -85,6 +85,10 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.sample_max_new_tokens = 48
     c.sample_pairs = ""              # JSONL {"image", "caption"} of held-out images; '' = embedded pairs
     c.sample_prompt = "[<IMG_PLH>]"  # text after <s>; the placeholder becomes [IMG] <image>*n [/IMG]
+    # LLM stages: with a visual decoder (a decoder-stage workdir or converted Emu2-Gen), the samples
+    # also draw the sample captions as images (PNG grid in samples/, TensorBoard); '' = captions only.
+    c.sample_decoder_checkpoint = ""
+    c.sample_decoder_steps = 50      # Euler steps of those images (guidance 3.0)
 
     # Starting point: a params-only checkpoint (checkpointing.save_params) or a training workdir,
     # and the components to take from it; the rest is freshly initialised.

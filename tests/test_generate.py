@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from configs import decoder, gen
+from emu2_jax import metrics, tasks
+from emu2_jax import sharding as sh
 from emu2_jax.data import tokenizer as tk
-from emu2_jax.inference import prompts, text
-from tests import cli
+from emu2_jax.inference import checkpoints, prompts, text
+from tests import cli, tb_events
 
 EMBEDDED_IMAGE = str(sorted((tk.EMBEDDED_DIR / "images").iterdir())[0])
 
@@ -93,3 +95,22 @@ def test_greedy_with_images_and_left_padding_equals_full_forward(tiny_emu2, phot
             single = prompts.batch([prompts.Row(tokens, row.pixels, row.is_frame)], cfg, tokenizer.pad_id)
             tokens.append(int(jnp.argmax(forward(single)[0, -1])))
         assert out.rows()[i] == tokens[len(row.ids):]
+
+
+def test_gen_stage_samples_draw_captions_through_a_decoder(runs, tmp_path):
+    llm_run, decoder_run = runs
+    config = gen.get_config("tiny")
+    config.update(sample_decoder_checkpoint=decoder_run, sample_decoder_steps=2, sample_max_new_tokens=3)
+    loaded = checkpoints.load_llm(llm_run)
+    task = tasks.create(config)
+    mesh = sh.create_mesh((1, 1, 1), jax.devices()[:1])
+    sample = task.create_sampler(mesh, sh.LOGICAL_RULES, str(tmp_path))
+    writer = metrics.SummaryWriter(str(tmp_path / "tb"))
+    sample(3, loaded.params, writer)
+    writer.close()
+    size = decoder.get_config("tiny").data.decoder_image_size
+    grid = np.asarray(Image.open(tmp_path / "samples" / "images_step_3.png"))
+    assert grid.shape == (size, config.num_samples * (size + 2) - 2, 3) and grid.std() > 0
+    assert (tmp_path / "samples" / "step_3.json").is_file()  # the captions as before
+    logged = tb_events.read_images(tb_events.event_files(tmp_path / "tb")[0])
+    np.testing.assert_array_equal(logged[3]["samples/generated"], grid)

@@ -2,7 +2,8 @@
 and images, text cross-entropy plus visual-embedding regression (docs/model.md, docs/batch.md).
 
 Samples: greedy captions of a few images (`config.sample_pairs`, default the embedded pairs) written
-to `samples/step_<N>.json` and, with their images, to TensorBoard.
+to `samples/step_<N>.json` and, with their images, to TensorBoard; with a visual decoder
+(`config.sample_decoder_checkpoint`) the reference captions are also drawn as images (a PNG grid).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from emu2_jax import metrics
 from emu2_jax import sharding as sh
@@ -25,7 +27,7 @@ from emu2_jax.convert.stream import CONFIG_FILE
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
-from emu2_jax.inference import text
+from emu2_jax.inference import checkpoints, images, prompts, text
 from emu2_jax.models import emu2, presets
 
 PyTree = Any
@@ -140,9 +142,12 @@ class LlmTask:
         stops = (tokenizer.eos_id, tokenizer.token_to_id(tokenizer_lib.EOC))
 
         images_written = False  # the inputs never change: once per process is enough
+        draw = self._image_sampler(tokenizer, [s["reference"] for s in samples], workdir)
 
         def sample(step: int, params: PyTree, writer: metrics.SummaryWriter | None) -> None:
             nonlocal images_written
+            if draw is not None:
+                draw(step, params, writer)
             new_tokens = text.generate_text(self.model, params, prompt, max_new_tokens=config.sample_max_new_tokens,
                                             stop_ids=stops, mesh=mesh, rules=rules).rows()
             if jax.process_index() != 0:
@@ -158,6 +163,34 @@ class LlmTask:
                                    for i, (s, caption) in enumerate(zip(samples, captions))})
 
         return sample
+
+
+    def _image_sampler(self, tokenizer: tokenizer_lib.Tokenizer, captions: list[str], workdir: str
+                       ) -> Sampler | None:
+        """With `config.sample_decoder_checkpoint`: the sample captions drawn through that visual decoder
+        (`samples/images_step_<N>.png`, one image per caption, and TensorBoard `samples/generated`)."""
+        config, model_cfg = self.config, self.model_cfg
+        if not config.get("sample_decoder_checkpoint"):
+            return None
+        decoder = checkpoints.load_decoder(config.sample_decoder_checkpoint)
+        make_prompt = lambda t, ims: prompts.batch([prompts.build_row(tokenizer, model_cfg, t, ims)], model_cfg,
+                                                   tokenizer.pad_id)
+        batch = prompts.batch([prompts.build_row(tokenizer, model_cfg, c) for c in captions], model_cfg,
+                              tokenizer.pad_id)
+        out_dir = os.path.join(workdir, "samples")
+
+        def draw(step: int, params: PyTree, writer: metrics.SummaryWriter | None) -> None:
+            generator = images.ImageGenerator(self.model, params, decoder.model, decoder.params, make_prompt)
+            drawn, _ = generator.generate(batch, jax.random.key(step), num_steps=config.sample_decoder_steps)
+            if jax.process_index() != 0:
+                return
+            grid = image_lib.image_grid([list(drawn)], decoder.model.config.decoder_image_size)
+            os.makedirs(out_dir, exist_ok=True)
+            Image.fromarray(grid).save(os.path.join(out_dir, f"images_step_{step}.png"))
+            if writer:
+                writer.images(step, {"samples/generated": grid})
+
+        return draw
 
 
 def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[list[dict], np.ndarray]:
