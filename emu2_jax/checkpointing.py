@@ -296,6 +296,14 @@ def _model_config(path: epath.Path, directory: epath.Path, prefix: tuple[str, ..
     raise ValueError(f"{path}: neither a converted checkpoint (no {CONFIG_FILE}) nor a training run")
 
 
+def pretrained_config(path: str) -> dict[str, Any]:
+    """The model config dict `load_pretrained` would return, without reading any weights."""
+    root = epath.Path(path).absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    return _model_config(root, *_params_source(root))
+
+
 def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model config, params) of a converted checkpoint (`python -m emu2_jax.convert`), an
     `init_from` directory or a training workdir (its latest step), all in one call.

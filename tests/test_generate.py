@@ -114,3 +114,20 @@ def test_gen_stage_samples_draw_captions_through_a_decoder(runs, tmp_path):
     assert (tmp_path / "samples" / "step_3.json").is_file()  # the captions as before
     logged = tb_events.read_images(tb_events.event_files(tmp_path / "tb")[0])
     np.testing.assert_array_equal(logged[3]["samples/generated"], grid)
+
+
+def test_sharded_generation_equals_one_device(runs):
+    """Params restored into the shards of their logical axes over 8 devices (fsdp), the cache and
+    activations following the same rules, decode what one device decodes."""
+    llm_run, _ = runs
+    mesh = sh.create_mesh((1, -1, 1))
+    single, sharded = checkpoints.load_llm(llm_run), checkpoints.load_llm(llm_run, mesh=mesh)
+    kernel = sharded.params["llm"]["layers"]["mlp"]["up"]["kernel"]
+    assert len({s.data.shape for s in kernel.addressable_shards}) == 1
+    assert kernel.addressable_shards[0].data.size * mesh.size == kernel.size  # split 8 ways, not replicated
+    batch = prompts.batch([prompts.build_row(single.tokenizer, single.model.config, p) for p in ("a b", "c")],
+                          single.model.config, single.tokenizer.pad_id, slots=1)
+    settings = dict(max_new_tokens=5, num_beams=2, stop_ids=(single.tokenizer.eos_id,))
+    one = text.generate_text(single.model, single.params, batch, **settings)
+    many = text.generate_text(sharded.model, sharded.params, batch, mesh=mesh, **settings)
+    assert one.rows() == many.rows()

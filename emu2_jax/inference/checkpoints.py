@@ -19,9 +19,12 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
+from flax import linen as nn
 
 from emu2_jax import checkpointing
+from emu2_jax import sharding as sh
 from emu2_jax.convert.stream import CONFIG_FILE
+from emu2_jax.data import layout
 from emu2_jax.data import tokenizer as tokenizer_lib
 from emu2_jax.models import emu2, visual_decoder
 
@@ -76,27 +79,45 @@ def _tokenizer(path: epath.Path, tokenizer: str | None, config: ml_collections.C
         raise SystemExit(f"{flag}: {e}") from None
 
 
-def load_llm(path: str, *, tokenizer: str | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedLlm:
+def abstract_params(model: emu2.Emu2Model, mesh: jax.sharding.Mesh, rules: sh.Rules = sh.LOGICAL_RULES) -> PyTree:
+    """The model's params as ShapeDtypeStructs carrying the NamedShardings their logical axes give on
+    `mesh` under `rules` (the training rules: FSDP / tensor parallel as configured)."""
+    cfg = model.config
+    dummy = layout.abstract(layout.PROMPT, rows=1, seq_len=8, slots=1, image_size=cfg.vision.image_size)
+    boxed = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, method=_touch_all), dummy)["params"]
+    shardings = sh.param_shardings(boxed, mesh, rules)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        nn.unbox(boxed), shardings)
+
+
+def _touch_all(model: emu2.Emu2Model, prompt) -> Any:
+    """Every parameter of Emu2Model from a prompt batch (no targets needed)."""
+    embeds, _ = model.embed_inputs(prompt["tokens"], prompt["images"], prompt["image_valid"], prompt["image_is_frame"])
+    hidden = model.llm(embeds, prompt["positions"], prompt["segment_ids"])
+    return model.llm.logits(hidden), model.project_down(hidden)
+
+
+def load_llm(path: str, *, tokenizer: str | None = None, mesh: jax.sharding.Mesh | None = None,
+             rules: sh.Rules = sh.LOGICAL_RULES) -> LoadedLlm:
     """Emu2Model, its params and tokenizer from a training run of an LLM stage or a converted
-    Emu2 / Emu2-Chat / Emu2-Gen checkpoint. With `mesh`, params are restored into shards."""
+    Emu2 / Emu2-Chat / Emu2-Gen checkpoint. With `mesh`, each parameter is restored straight into
+    the shards its logical axes give under `rules` (as in training), never whole on one host."""
     root = _existing(path)
     config = run_config(path)
     if config is not None and config.get("task", "llm") != "llm":
         raise SystemExit(f"--checkpoint={path}: a {config.get('stage')!r} checkpoint has no language model; "
                          f"give an LLM stage (stage1, stage2, chat, gen, emu1_chat) or a converted Emu2")
     try:
-        model_config, params = checkpointing.load_pretrained(str(root), mesh)
+        model_config = checkpointing.pretrained_config(str(root))
+        if "emu2" not in model_config:
+            raise SystemExit(f"--checkpoint={path}: holds {sorted(model_config)}, no Emu2 language model")
+        model = emu2.Emu2Model(model_config["emu2"])
+        tok = _tokenizer(root, tokenizer, config, model.config.llm.vocab_size)
+        mesh = mesh or sh.create_mesh((1, 1, 1), jax.devices()[:1])
+        params = checkpointing.load_params(str(root), abstract_params(model, mesh, rules), emu2.COMPONENTS)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--checkpoint={path}: {e}") from None
-    if "emu2" not in model_config:
-        raise SystemExit(f"--checkpoint={path}: holds {sorted(model_config)}, no Emu2 language model")
-    missing = [c for c in emu2.COMPONENTS if c not in params]
-    if missing:
-        raise SystemExit(f"--checkpoint={path}: no {missing} parameters (has {sorted(params)})")
-    model_cfg = model_config["emu2"]
-    return LoadedLlm(model=emu2.Emu2Model(model_cfg), params={c: params[c] for c in emu2.COMPONENTS},
-                     tokenizer=_tokenizer(root, tokenizer, config, model_cfg.llm.vocab_size), run_config=config,
-                     path=str(root))
+    return LoadedLlm(model=model, params=params, tokenizer=tok, run_config=config, path=str(root))
 
 
 def load_converted_decoder(root: epath.Path) -> LoadedDecoder | None:
