@@ -74,13 +74,9 @@ def load_decoder(step_dir: epath.Path, stage: str = "decoder") -> tuple[ml_colle
 def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """(normalised encoder pixels [1, size, size, 3], original (height, width)); SystemExit if unreadable."""
     try:
-        data = epath.Path(path).read_bytes()
-    except OSError as e:
-        raise SystemExit(f"--image={path}: cannot read it ({e})") from e
-    try:
-        pixels = image_lib.decode_image(data)
-    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
-        raise SystemExit(f"--image={path}: not a readable image ({e})") from e
+        pixels = image_lib.read_image_file(path, f"--image={path}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return image_lib.normalize(image_lib.resize_for_encoder(pixels, size))[None], pixels.shape[:2]
 
 

@@ -91,18 +91,6 @@ def unknown_command(name: str) -> str:
     return f"unknown command {name}; commands: " + ", ".join(usage for usage, _ in COMMANDS.values())
 
 
-def read_image(path: str, where: str) -> np.ndarray:
-    """uint8 [H, W, 3] of the image file `path`; ValueError naming `where` (how it was given)."""
-    try:
-        data = epath.Path(path).expanduser().read_bytes()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{where}: cannot read it ({e})") from None
-    try:
-        return image_lib.decode_image(data)
-    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
-        raise ValueError(f"{where}: not a readable image ({e})") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags -> settings, checked before the checkpoint is read.
 
@@ -111,36 +99,6 @@ def check_system(system: str) -> None:
     if system not in tk.SYSTEM_MESSAGES and not re.search(r"\s", system.strip()):
         raise SystemExit(f"--system={system}: not a system message name ({', '.join(tk.SYSTEM_MESSAGES)}); "
                          f"literal text has more than one word")
-
-
-def generation_settings(*, max_new_tokens: int, num_beams: int, length_penalty: float, sample: bool,
-                        temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
-    """The decoding options of `continue_text`, or SystemExit naming the flag that is wrong."""
-    if max_new_tokens < 1:
-        raise SystemExit(f"--max_new_tokens={max_new_tokens}: must be >= 1")
-    if num_beams < 1:
-        raise SystemExit(f"--num_beams={num_beams}: must be >= 1")
-    if sample and num_beams > 1:
-        raise SystemExit(f"--sample with --num_beams={num_beams}: beam sampling is not supported; give one")
-    sampling = {"temperature": (temperature, 1.0), "top_k": (top_k, 0), "top_p": (top_p, 1.0)}
-    if not sample:
-        for name, (value, default) in sampling.items():
-            if value != default:
-                raise SystemExit(f"--{name}={value}: takes effect only with --sample")
-    if temperature <= 0:
-        raise SystemExit(f"--temperature={temperature}: must be > 0")
-    if top_k < 0:
-        raise SystemExit(f"--top_k={top_k}: must be >= 0 (0: no top-k cut)")
-    if not 0 < top_p <= 1:
-        raise SystemExit(f"--top_p={top_p}: must be in (0, 1]")
-    if length_penalty != 1.0 and num_beams == 1:
-        raise SystemExit(f"--length_penalty={length_penalty}: takes effect only with --num_beams > 1")
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
-    if num_beams > 1:
-        options["length_penalty"] = length_penalty
-    if sample:
-        options.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +150,7 @@ class Session:
             self.error("/image needs a file: /image photo.png")
             return
         try:
-            self.queued.append((path, read_image(path, f"/image {path}")))
+            self.queued.append((path, image_lib.read_image_file(path, f"/image {path}")))
         except ValueError as e:
             self.error(str(e))
             return
@@ -202,7 +160,7 @@ class Session:
         """One turn: the images the line names (all readable, else nothing is sent), the answer."""
         text, paths = image_references(line)
         try:
-            pixels = [read_image(p, f"<img:{p}>") for p in paths]
+            pixels = [image_lib.read_image_file(p, f"<img:{p}>") for p in paths]
         except ValueError as e:
             self.error(f"{e}; the message was not sent")
             return
@@ -303,9 +261,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
     f = flags.FLAGS
-    generation = generation_settings(max_new_tokens=f.max_new_tokens, num_beams=f.num_beams,
-                                     length_penalty=f.length_penalty, sample=f.sample, temperature=f.temperature,
-                                     top_k=f.top_k, top_p=f.top_p)
+    generation = cli.decoding_options(**{name: f[name].value for name in cli.DECODING_FLAGS})
     try:
         session = start(f.checkpoint, tokenizer=f.tokenizer, system=f.system, grounding=f.grounding, seed=f.seed,
                         generation=generation, interactive=sys.stdin.isatty())
@@ -321,13 +277,7 @@ if __name__ == "__main__":  # flags only for the command, so the module imports 
     flags.DEFINE_string("system", None, "System message: chat | academic (Emu2-Chat), emu1_image | emu1_video "
                         "(Emu v1), none, or literal text. Default: chat, emu1_image for an Emu v1 model.")
     flags.DEFINE_boolean("grounding", False, "Grounding mode: <grounding> after each [ASSISTANT]:.")
-    flags.DEFINE_integer("max_new_tokens", 256, "Longest answer, in tokens.")
-    flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (the release's chat example: 5).")
-    flags.DEFINE_float("length_penalty", 1.0, "Beam search length penalty (the release's chat example: 2.0).")
-    flags.DEFINE_boolean("sample", False, "Sample answers instead of greedy or beam decoding.")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (with --sample).")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens; 0: all (with --sample).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --sample).")
+    cli.define_decoding_flags(max_new_tokens=256)  # the release's chat example: --num_beams=5 --length_penalty=2
     flags.DEFINE_integer("seed", 0, "Seed of sampling (each turn folds in its number).")
     flags.mark_flags_as_required(["checkpoint"])
     app.run(main)

@@ -9,7 +9,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, logging
+from absl import app, flags, logging
 
 
 def multi_process_environment() -> bool:
@@ -83,3 +83,48 @@ def exit_on_sigterm_during_start_up(signum: int, frame: Any) -> None:
     jobs must not take it for done."""
     logging.warning("SIGTERM during start-up: nothing to save, exiting (status 143).")
     raise SystemExit(128 + signal.SIGTERM)
+
+
+def define_decoding_flags(max_new_tokens: int) -> None:
+    """The text-decoding flags that generate, chat and evaluate share (read with `decoding_options`)."""
+    flags.DEFINE_integer("max_new_tokens", max_new_tokens, "New tokens per answer at most.")
+    flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1: greedy, or sampling with --sample).")
+    flags.DEFINE_float("length_penalty", 1.0, "Beam search: a hypothesis scores log-prob sum / length ** this.")
+    flags.DEFINE_bool("sample", False, "Sample instead of greedy or beam decoding.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (with --sample).")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all (with --sample).")
+    flags.DEFINE_float("top_p", 1.0, "Sample among the likeliest tokens holding this much probability (with --sample).")
+
+
+DECODING_FLAGS = ("max_new_tokens", "num_beams", "length_penalty", "sample", "temperature", "top_k", "top_p")
+
+
+def decoding_options(*, max_new_tokens: int, num_beams: int, length_penalty: float, sample: bool, temperature: float,
+                     top_k: int, top_p: float) -> dict[str, Any]:
+    """The `inference.text.generate_text` keywords of the `define_decoding_flags` flags (pass
+    `**{name: FLAGS[name].value for name in DECODING_FLAGS}`), or SystemExit naming the flag that is
+    wrong, before any checkpoint is read."""
+    if max_new_tokens < 1:
+        raise SystemExit(f"--max_new_tokens={max_new_tokens}: must be >= 1")
+    if num_beams < 1:
+        raise SystemExit(f"--num_beams={num_beams}: must be >= 1")
+    if sample and num_beams > 1:
+        raise SystemExit(f"--sample with --num_beams={num_beams}: beam sampling is not supported; give one")
+    if not sample:
+        for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, 0), ("top_p", top_p, 1.0)):
+            if value != default:
+                raise SystemExit(f"--{name}={value}: takes effect only with --sample")
+    if temperature <= 0:
+        raise SystemExit(f"--temperature={temperature}: must be > 0")
+    if top_k < 0:
+        raise SystemExit(f"--top_k={top_k}: must be >= 0 (0: no top-k cut)")
+    if not 0 < top_p <= 1:
+        raise SystemExit(f"--top_p={top_p}: must be in (0, 1]")
+    if length_penalty != 1.0 and num_beams == 1:
+        raise SystemExit(f"--length_penalty={length_penalty}: takes effect only with --num_beams > 1")
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+    if num_beams > 1:
+        options["length_penalty"] = length_penalty
+    if sample:
+        options.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    return options

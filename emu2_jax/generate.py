@@ -41,16 +41,11 @@ from emu2_jax.data import tokenizer as tk
 from emu2_jax.inference import checkpoints, images, prompts, text
 
 
-def read_image(path: str, flag: str = "--image") -> np.ndarray:
-    """uint8 [H, W, 3] of an image file; SystemExit naming it when unreadable."""
+def read_image(path: str, where: str) -> np.ndarray:
     try:
-        data = epath.Path(path).expanduser().read_bytes()
-    except OSError as e:
-        raise SystemExit(f"{flag}={path}: cannot read it ({e.strerror or e})") from None
-    try:
-        return image_lib.decode_image(data)
-    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
-        raise SystemExit(f"{flag}={path}: not a readable image ({e})") from None
+        return image_lib.read_image_file(path, where)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def read_prompts(prompt_flags: list[str], image_flags: list[str], prompts_file: str | None
@@ -74,7 +69,7 @@ def read_prompts(prompt_flags: list[str], image_flags: list[str], prompts_file: 
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SystemExit(f"--prompts_file={prompts_file}: line {number} is not a JSON object with a "
                                  f"\"prompt\" ({e})") from None
-            rows.append((text_, [read_image(str(path.parent / n), f"--prompts_file line {number}: image")
+            rows.append((text_, [read_image(str(path.parent / n), f"--prompts_file line {number}: image {n}")
                                  for n in names]))
         if not rows:
             raise SystemExit(f"--prompts_file={prompts_file}: no prompts in it")
@@ -82,26 +77,20 @@ def read_prompts(prompt_flags: list[str], image_flags: list[str], prompts_file: 
     wanted = sum(p.count(tk.IMG_PLACEHOLDER) for p in prompt_flags)
     if wanted != len(image_flags):
         raise SystemExit(f"the prompts hold {wanted} {tk.IMG_PLACEHOLDER} but {len(image_flags)} --image were given")
-    pixels = iter([read_image(p) for p in image_flags])
+    pixels = iter([read_image(p, f"--image={p}") for p in image_flags])
     return [(p, [next(pixels) for _ in range(p.count(tk.IMG_PLACEHOLDER))]) for p in prompt_flags]
 
 
-def check_arguments(f: flags.FlagValues) -> None:
-    if f.max_new_tokens < 1:
-        raise SystemExit(f"--max_new_tokens={f.max_new_tokens}: must be >= 1")
-    if f.num_beams < 1:
-        raise SystemExit(f"--num_beams={f.num_beams}: must be >= 1")
-    if f.sample and f.num_beams > 1:
-        raise SystemExit("--sample with --num_beams > 1: beam sampling is not supported")
-    if f.sample and (f.temperature <= 0 or not 0 < f.top_p <= 1 or f.top_k < 0):
-        raise SystemExit(f"--temperature={f.temperature} must be > 0, --top_p={f.top_p} in (0, 1], "
-                         f"--top_k={f.top_k} >= 0")
+def check_arguments(f: flags.FlagValues) -> dict[str, Any]:
+    """The decoding options; SystemExit naming a wrong flag before anything is loaded."""
+    options = cli.decoding_options(**{name: f[name].value for name in cli.DECODING_FLAGS})
     if f.steps < 1:
         raise SystemExit(f"--steps={f.steps}: must be >= 1")
     for flag in ("output_image", "save_embeddings"):
         value = f[flag].value
         if value and epath.Path(value).expanduser().is_dir():
             raise SystemExit(f"--{flag}={value}: is a directory; name the file to write")
+    return options
 
 
 def output_paths(out: str, count: int) -> list[str]:
@@ -148,7 +137,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(cli.OwnInfoOnly())
     f = flags.FLAGS
-    check_arguments(f)
+    options = check_arguments(f)
     raw = read_prompts(f.prompt, f.image, f.prompts_file)
     mesh = sh.create_mesh([int(x) for x in f.mesh_shape.split(",")]) if f.mesh_shape else None
     started = time.perf_counter()
@@ -167,13 +156,9 @@ def main(argv) -> None:
         batch = prompts.batch(rows, cfg, tok.pad_id)
         if f.save_embeddings:
             embeddings = images.generate_image_embeddings(loaded.model, loaded.params, batch, mesh=mesh)
-        options: dict[str, Any] = dict(max_new_tokens=f.max_new_tokens, num_beams=f.num_beams,
-                                       length_penalty=f.length_penalty, stop_ids=(tok.eos_id,))
-        if f.sample:
-            options.update(do_sample=True, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
         try:
             generated = text.generate_text(loaded.model, loaded.params, batch, rng=jax.random.key(f.seed), mesh=mesh,
-                                           **options)
+                                           stop_ids=(tok.eos_id,), **options)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         new_tokens = int(generated.lengths.sum())
@@ -194,13 +179,7 @@ if __name__ == "__main__":  # flags only for the command, so the module imports 
     flags.DEFINE_multi_string("image", [], "Images for the prompts' [<IMG_PLH>], in order.")
     flags.DEFINE_string("prompts_file", None, "JSONL of {\"prompt\": ..., \"images\": [paths relative to it]}.")
     flags.DEFINE_string("tokenizer", None, "sentencepiece tokenizer.model (default: the checkpoint's or run's).")
-    flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
-    flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1: greedy or sampling).")
-    flags.DEFINE_float("length_penalty", 1.0, "Beam search: a hypothesis scores log-prob sum / length ** this.")
-    flags.DEFINE_bool("sample", False, "Sample instead of greedy decoding.")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this much probability.")
+    cli.define_decoding_flags(max_new_tokens=64)  # the release evaluates with --num_beams=5 --length_penalty=-1
     flags.DEFINE_integer("seed", 0, "Seed of sampling and of the image latents.")
     flags.DEFINE_string("output_image", None, "Generate images instead of text; PNG path.")
     flags.DEFINE_string("decoder_checkpoint", None, "Visual decoder (default --checkpoint).")

@@ -27,8 +27,8 @@ def message_lines(stderr: str) -> list[str]:
             if line.strip() and not (line[:1] in "IWEF" and line[1:5].isdigit())]
 
 
-def write_initial_checkpoint(path, config) -> str:
-    """A workdir whose latest checkpoint (step 1) holds `config`'s initial training state, saved by
+def initial_checkpoint(path, config):
+    """(trainer, state): `config`'s initial training state, saved as step 1 of the workdir `path` by
     the trainer's own checkpointing: what a run writes, without the minutes of training."""
     import jax
 
@@ -40,4 +40,10 @@ def write_initial_checkpoint(path, config) -> str:
     checkpointing.save_checkpoint(manager, 1, state, {}, config, force=True)
     manager.wait_until_finished()
     manager.close()
+    return trainer, state
+
+
+def write_initial_checkpoint(path, config) -> str:
+    """The workdir `path` holding `config`'s initial state as its latest checkpoint (`initial_checkpoint`)."""
+    initial_checkpoint(path, config)
     return str(path)

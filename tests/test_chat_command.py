@@ -14,6 +14,7 @@ import pytest
 
 from configs import chat as chat_config
 from emu2_jax import chat
+from emu2_jax import cli as commands
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.inference import chat as inference_chat
 from emu2_jax.inference import checkpoints
@@ -231,8 +232,8 @@ def test_generation_flags_are_checked(flags, expected):
     settings = dict(max_new_tokens=8, num_beams=1, length_penalty=1.0, sample=False, temperature=1.0, top_k=0,
                     top_p=1.0)
     with pytest.raises(SystemExit, match=re.escape(expected)):
-        chat.generation_settings(**{**settings, **flags})
-    release = chat.generation_settings(**{**settings, "num_beams": 5, "length_penalty": 2.0})
+        commands.decoding_options(**{**settings, **flags})
+    release = commands.decoding_options(**{**settings, "num_beams": 5, "length_penalty": 2.0})
     assert release == {"max_new_tokens": 8, "num_beams": 5, "length_penalty": 2.0}
 
 

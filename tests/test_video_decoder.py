@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import video_decoder
-from emu2_jax import autoencode, checkpointing, metrics, tasks, train, video_io
+from emu2_jax import autoencode, metrics, tasks, train, video_io
 from emu2_jax.data import layout, records
 from emu2_jax.tasks import video_decoder as video_task
 from tests import cli, tb_events
@@ -100,14 +100,7 @@ def test_video_io_round_trip_and_errors(tmp_path):
 def workdir(tmp_path_factory):
     """A video-decoder workdir whose latest checkpoint (step 1) holds the tiny model's initial state."""
     path = tmp_path_factory.mktemp("video_run")
-    config = video_decoder.get_config("tiny")
-    trainer = train.create_trainer(config, devices=jax.devices()[:1])
-    state = train.init_state(trainer, config)
-    manager = checkpointing.create_manager(path, save_every_steps=1, keep=1, async_save=False)
-    checkpointing.save_checkpoint(manager, 1, state, {}, config, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    return path, trainer, state
+    return (path, *cli.initial_checkpoint(path, video_decoder.get_config("tiny")))
 
 
 def test_sampler_writes_gifs_and_tensorboard(workdir, tmp_path):

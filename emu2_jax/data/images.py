@@ -4,6 +4,7 @@ box images of Emu2-Gen's grounded prompts."""
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +45,20 @@ def decode_image(data: bytes) -> np.ndarray:
     if pixels.ndim != 3 or min(pixels.shape[:2]) < 1:
         raise SkipExample("bad_image", f"shape {pixels.shape}")
     return pixels
+
+
+def read_image_file(path: str, where: str) -> np.ndarray:
+    """uint8 [H, W, 3] of the image file `path`; ValueError naming `where` (how it was given) when it
+    cannot be read or decoded."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror or e})") from None
+    try:
+        return decode_image(data)
+    except Exception as e:  # SkipExample('bad_image') and PIL errors alike
+        raise ValueError(f"{where}: not a readable image ({e})") from None
 
 
 def resize_for_encoder(pixels: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
