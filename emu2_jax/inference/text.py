@@ -32,7 +32,6 @@ from emu2_jax.models.emu2 import Emu2Config, Emu2Model
 PyTree = Any
 LLAMA_EOS = 2          # `</s>` of LLaMA's sentencepiece model (and of the embedded tiny one)
 BUCKET = 64            # prompt lengths are rounded up to a multiple of this (one compile per bucket)
-NEG_INF = -1e9
 
 
 @flax.struct.dataclass
