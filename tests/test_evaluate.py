@@ -10,12 +10,10 @@ from flax import linen as nn
 
 from configs import decoder, stage2
 from emu2_jax import checkpointing, evaluate, tasks
-from emu2_jax.data import layout
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.evaluation import datasets, media, run
 from emu2_jax.evaluation import prompts as eval_prompts
 from emu2_jax.inference import checkpoints, prompts
-from emu2_jax.models import emu2, presets
 from tests import cli
 
 
@@ -185,13 +183,8 @@ def test_clean_caption():
 
 
 @pytest.fixture(scope="module")
-def tiny_llm():
-    config = presets.tiny()
-    model = emu2.Emu2Model(config)
-    dummy = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), layout.abstract(
-        layout.LLM, rows=1, seq_len=8, slots=1, image_size=config.vision.image_size))
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), dummy))["params"]
-    return checkpoints.LoadedLlm(model, params, tk.tokenizer_for_vocab(None, config.llm.vocab_size), None, "tiny")
+def tiny_llm(tiny_emu2):
+    return checkpoints.LoadedLlm(*tiny_emu2, None, "tiny")
 
 
 def test_meme_scores_are_continuation_logprobs(tiny_llm):
