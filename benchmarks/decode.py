@@ -98,7 +98,7 @@ def _run_ours(weights_path: str, args, queue) -> None:
 
     from emu2_jax.convert.llama import convert_llama
     from emu2_jax.inference import text
-    from emu2_jax.models import emu2, presets
+    from emu2_jax.models import emu2, llama, presets
 
     config = presets.get_config("small")
     model = emu2.Emu2Model(config)
@@ -114,6 +114,8 @@ def _run_ours(weights_path: str, args, queue) -> None:
     shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), dummy))["params"])
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     params = jax.device_put({**params, "llm": convert_llama(load_file(weights_path), config.llm)})
+    # The serving layout python -m emu2_jax.generate loads (checkpoints.load_llm): one array per layer.
+    params["llm"] = llama.unstack_layers(params["llm"], donate=True)
     prompts = _prompts(args)
     result = {"threads": os.cpu_count()}
     for name, rows, new_tokens, beams in _cases(args):

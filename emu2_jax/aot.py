@@ -206,11 +206,17 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
     model, mesh = trainer.model, trainer.mesh
     params = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           trainer.abstract_state.params, trainer.param_shardings)
+    # The serving layout (llama.unstack_layers, as checkpoints.load_llm gives): one array per layer,
+    # sharded as its slice of the stack.
+    per_layer = lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=NamedSharding(
+        mesh, PartitionSpec(*tuple(s.sharding.spec)[1:])))
+    stack = jax.tree.map(per_layer, params["llm"]["layers"])
+    params["llm"] = {**params["llm"], "layers": {str(i): stack for i in range(model.config.llm.num_layers)}}
     rows = sh.batch_sharding(mesh, trainer.rules, leading_accum=False)
     cache_shapes = jax.eval_shape(lambda: text.init_cache(model, batch_size))
-    # Cache leaves are [layers, B, ...] (scanned): rows over the batch axes; the per-layer index replicated.
-    layer_rows = sh.batch_sharding(mesh, trainer.rules)
-    cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layer_rows if s.ndim > 1 else
+    # Cache arrays are [B, ...]: rows over the batch axes (keys / values also over kv heads, as
+    # llama.CACHE_AXES in the attention say); the write index replicated.
+    cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows if s.ndim else
                                                         NamedSharding(mesh, PartitionSpec())), cache_shapes)
     sizes = {**llm_task.batch_sizes(config, trainer.model_cfg), "seq_len": prompt_len}
     prompt = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rows)

@@ -122,7 +122,7 @@ def test_sharded_generation_equals_one_device(runs):
     llm_run, _ = runs
     mesh = sh.create_mesh((1, -1, 1))
     single, sharded = checkpoints.load_llm(llm_run), checkpoints.load_llm(llm_run, mesh=mesh)
-    kernel = sharded.params["llm"]["layers"]["mlp"]["up"]["kernel"]
+    kernel = sharded.params["llm"]["layers"]["0"]["mlp"]["up"]["kernel"]  # serving layout: per layer
     assert len({s.data.shape for s in kernel.addressable_shards}) == 1
     assert kernel.addressable_shards[0].data.size * mesh.size == kernel.size  # split 8 ways, not replicated
     batch = prompts.batch([prompts.build_row(single.tokenizer, single.model.config, p) for p in ("a b", "c")],

@@ -31,8 +31,8 @@ NEG_INF = -1e9
 
 
 def _gather_rows(state: Decoding, index: jax.Array) -> Decoding:
-    """The state's rows `index` [R]: cache leaves are [layers, rows, ...]; the per-layer index is shared."""
-    cache = jax.tree.map(lambda x: jnp.take(x, index, axis=1) if x.ndim > 1 else x, state.cache)
+    """The state's rows `index` [R]: cache arrays are [rows, ...]; the write index is shared."""
+    cache = jax.tree.map(lambda x: jnp.take(x, index, axis=0) if x.ndim else x, state.cache)
     return Decoding(cache=cache, logits=state.logits[index], visual=state.visual[index],
                     next_position=state.next_position[index])
 

@@ -26,7 +26,7 @@ from emu2_jax import sharding as sh
 from emu2_jax.convert.stream import CONFIG_FILE
 from emu2_jax.data import layout
 from emu2_jax.data import tokenizer as tokenizer_lib
-from emu2_jax.models import emu2, visual_decoder
+from emu2_jax.models import emu2, llama, visual_decoder
 
 PyTree = Any
 
@@ -99,9 +99,10 @@ def _touch_all(model: emu2.Emu2Model, prompt) -> Any:
 
 def load_llm(path: str, *, tokenizer: str | None = None, mesh: jax.sharding.Mesh | None = None,
              rules: sh.Rules = sh.LOGICAL_RULES) -> LoadedLlm:
-    """Emu2Model, its params and tokenizer from a training run of an LLM stage or a converted
-    Emu2 / Emu2-Chat / Emu2-Gen checkpoint. With `mesh`, each parameter is restored straight into
-    the shards its logical axes give under `rules` (as in training), never whole on one host."""
+    """Emu2Model, its params (LLM layers in the serving layout, `llama.unstack_layers`) and tokenizer
+    from a training run of an LLM stage or a converted Emu2 / Emu2-Chat / Emu2-Gen checkpoint. With
+    `mesh`, each parameter is restored straight into the shards its logical axes give under `rules`
+    (as in training), never whole on one host."""
     root = _existing(path)
     config = run_config(path)
     if config is not None and config.get("task", "llm") != "llm":
@@ -115,6 +116,7 @@ def load_llm(path: str, *, tokenizer: str | None = None, mesh: jax.sharding.Mesh
         tok = _tokenizer(root, tokenizer, config, model.config.llm.vocab_size)
         mesh = mesh or sh.create_mesh((1, 1, 1), jax.devices()[:1])
         params = checkpointing.load_params(str(root), abstract_params(model, mesh, rules), emu2.COMPONENTS)
+        params["llm"] = llama.unstack_layers(params["llm"], donate=True)  # the serving layout
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--checkpoint={path}: {e}") from None
     return LoadedLlm(model=model, params=params, tokenizer=tok, run_config=config, path=str(root))

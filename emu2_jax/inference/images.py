@@ -53,10 +53,10 @@ def regress_embeddings(model: Emu2Model, params: PyTree, state: text.Decoding) -
 
 @functools.lru_cache(maxsize=16)
 def _compiled_regression(config: Emu2Config, slots: int, mesh: jax.sharding.Mesh | None, rules: sh.Rules):
-    model = text.with_cache_length(config, slots)
+    model = Emu2Model(config)
 
     def run(params, prompt):
-        state = text.prefill(model, params, text.init_cache(model, prompt["tokens"].shape[0]), prompt)
+        state = text.prefill(model, params, text.init_cache(model, prompt["tokens"].shape[0], slots), prompt)
         return regress_embeddings(model, params, state)
 
     return jax.jit(sh.with_logical_rules(run, mesh, rules) if mesh is not None else run)

@@ -95,15 +95,9 @@ def truncate_at(tokens: Sequence[int] | np.ndarray, stop_ids: int | Sequence[int
     return out
 
 
-@functools.lru_cache(maxsize=32)
-def with_cache_length(config: Emu2Config, slots: int) -> Emu2Model:
-    """The model with a `slots`-long KV cache (same parameters)."""
-    return Emu2Model(dataclasses.replace(config, llm=dataclasses.replace(config.llm, max_cache_length=slots)))
-
-
-def init_cache(model: Emu2Model, batch_size: int) -> PyTree:
-    """An empty KV cache (`cache` collection) of `Emu2Model` for `batch_size` rows."""
-    return {"llm": llama.init_cache(model.config.llm, batch_size)}
+def init_cache(model: Emu2Model, batch_size: int, slots: int | None = None) -> PyTree:
+    """An empty KV cache of `slots` positions (default the model's context, llm.max_cache_length)."""
+    return llama.init_cache(model.config.llm, batch_size, slots)
 
 
 def check_fits(config: Emu2Config, prompt_len: int, max_new_tokens: int) -> None:
@@ -129,9 +123,9 @@ def prefill(model: Emu2Model, params: PyTree, cache: PyTree, prompt: Mapping[str
 def extend(model: Emu2Model, params: PyTree, cache: PyTree, embeds: jax.Array, positions: jax.Array,
            segment_ids: jax.Array) -> Decoding:
     """Appends input embeddings [B, L, D] at `positions` to the cache."""
-    (logits, visual), mutated = model.apply({"params": params, "cache": cache}, embeds, positions, segment_ids,
-                                            method=Emu2Model.decode_step, mutable=["cache"])
-    return Decoding(cache=mutated["cache"], logits=logits[:, -1], visual=visual[:, -1],
+    (logits, visual), cache = model.apply({"params": params}, embeds, positions, segment_ids, cache,
+                                          method=Emu2Model.decode_step)
+    return Decoding(cache=cache, logits=logits, visual=visual,
                     next_position=jnp.max(positions, axis=1).astype(jnp.int32) + 1)
 
 
@@ -228,10 +222,10 @@ def _jit(fn, mesh: jax.sharding.Mesh | None, rules: sh.Rules):
 def _compiled_generate(config: Emu2Config, slots: int, mesh: jax.sharding.Mesh | None, rules: sh.Rules,
                        **settings: Any):
     """prompt -> new tokens, over a fresh `slots`-long cache."""
-    model = with_cache_length(config, slots)
+    model = Emu2Model(config)
 
     def run(params, prompt, rng, knobs):
-        state = prefill(model, params, init_cache(model, prompt["tokens"].shape[0]), prompt)
+        state = prefill(model, params, init_cache(model, prompt["tokens"].shape[0], slots), prompt)
         return decode(model, params, state, rng, knobs, **settings)
 
     return _jit(run, mesh, rules)

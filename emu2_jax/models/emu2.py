@@ -170,11 +170,14 @@ class Emu2Model(nn.Module):
         kernel = self.connector.variables["params"]["project_up"]["kernel"]
         return jnp.einsum("...v,vd->...d", visual.astype(dtype), kernel.astype(dtype))
 
-    def decode_step(self, inputs_embeds: jax.Array, positions: jax.Array,
-                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """One KV-cached LLM call (prefill or step): returns (text logits, regressed embeddings)."""
-        hidden = self.llm(inputs_embeds, positions, segment_ids, decode=True)
-        return self.llm.logits(hidden), self.project_down(hidden).astype(jnp.float32)
+    def decode_step(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    cache: dict[str, Any]) -> tuple[tuple[jax.Array, jax.Array], dict[str, Any]]:
+        """One KV-cached LLM call (prefill or step): ((text logits [B, V], regressed embedding [B, Dv])
+        at the last position, the updated cache). Only the last position's outputs are computed:
+        generation reads nothing else, and a prefill's [B, L, V] logits would dominate its cost."""
+        hidden, cache = self.llm.decode(inputs_embeds, positions, segment_ids, cache)
+        last = hidden[:, -1:]
+        return (self.llm.logits(last)[:, 0], self.project_down(last)[:, 0].astype(jnp.float32)), cache
 
 
 def compute_losses(outputs: Emu2Output, batch: Mapping[str, jax.Array], *, text_weight: float = 1.0,

@@ -74,17 +74,20 @@ def test_decode_matches_full_forward():
     positions = jnp.asarray([list(range(length)), [0] * 3 + list(range(length - 3))], jnp.int32)
     full = forward(config, params, tokens, positions, segment_ids)
 
-    decode_step = jax.jit(functools.partial(LlamaDecoder(config).apply, decode=True,
-                                            method=LlamaDecoder.forward, mutable=["cache"]))
+    def step(m, tokens, positions, segment_ids, cache):
+        hidden, cache = m.decode(m.embed(tokens), positions, segment_ids, cache)
+        return m.logits(hidden), cache
+
+    decode_step = jax.jit(functools.partial(LlamaDecoder(config).apply, method=step))
     cache = init_cache(config, batch_size=2)
-    assert cache["layers"]["attn"]["cached_key"].shape == (2, 2, config.max_cache_length, 2, 16)
+    assert len(cache["layers"]) == config.num_layers
+    assert cache["layers"][0]["key"].shape == (2, 2, config.max_cache_length, 16)  # head-major
     # Prefill 5, then a second prefill chunk of 3, then one token at a time.
     chunks = [(0, 5), (5, 8)] + [(i, i + 1) for i in range(8, length)]
     for start, stop in chunks:
-        logits, mutated = decode_step({"params": params, "cache": cache}, tokens[:, start:stop],
-                                      positions[:, start:stop], segment_ids[:, start:stop])
-        cache = mutated["cache"]
-        np.testing.assert_array_equal(cache["layers"]["attn"]["cache_index"], [stop] * config.num_layers)
+        logits, cache = decode_step({"params": params}, tokens[:, start:stop], positions[:, start:stop],
+                                    segment_ids[:, start:stop], cache)
+        assert int(cache["index"]) == stop
         real = np.asarray(segment_ids[:, start:stop]) != 0
         diff = np.abs(np.asarray(logits) - np.asarray(full[:, start:stop]))[real]
         assert diff.max() <= TOL, (start, stop, diff.max())
