@@ -71,11 +71,12 @@ class Terminal:
     def type(self, text: str, end: str = "\n") -> None:
         os.write(self.master, (text + end).encode())
 
-    def exit_code(self, timeout: float = STEP_S) -> int:
+    def exit_code(self, timeout: float = STEP_S) -> int | None:
+        """The exit status, or None if the program still runs after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
             self._read(0.2)
-        return self.process.wait(timeout=1)
+        return self.process.poll()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -157,8 +158,14 @@ def test_ctrl_d_and_ctrl_c_at_the_prompt_leave_cleanly(checkpoint, terminal):
     assert "/image PATH" in first.expect(chat.PROMPT)
     first.type("\x04", end="")   # Ctrl-D: end of input
     second.expect(chat.PROMPT, FIRST_ANSWER_S)
-    second.type("\x03", end="")  # Ctrl-C: SIGINT from the terminal
     assert first.exit_code() == 0, first.output[-3000:]
+    # Ctrl-C: SIGINT from the terminal. A SIGINT landing after the prompt is printed but before
+    # CPython's readline enters select() is only seen at the next key (a race in CPython, seen once
+    # on a loaded machine), so press it again as a user would, a few seconds apart.
+    for _ in range(5):
+        second.type("\x03", end="")
+        if second.exit_code(timeout=5) is not None:
+            break
     assert second.exit_code() == 0, second.output[-3000:]
     assert "Traceback" not in first.output + second.output
 

@@ -266,8 +266,20 @@ class LlamaDecoder(nn.Module):
         tokens with the same non-zero id (packing); 0 marks padding; None means one segment per row.
         """
         x, cos, sin, segment_ids = self._inputs(inputs_embeds, positions, segment_ids)
-        x, _ = self.layers(x, cos, sin, attention_mask(segment_ids, segment_ids, 0))
+        mask = attention_mask(segment_ids, segment_ids, 0)
+        per_layer = self._per_layer_weights()
+        if per_layer is None:
+            x, _ = self.layers(x, cos, sin, mask)
+        for weights in per_layer or ():
+            x, _ = LlamaBlock(self.config, parent=None).apply({"params": weights}, x, cos, sin, mask)
         return self.norm(x)
+
+    def _per_layer_weights(self) -> list[Any] | None:
+        """Each layer's weights when the params are in the serving layout (`unstack_layers`), else None."""
+        if self.is_initializing():
+            return None
+        stored = self.layers.variables["params"]
+        return [stored[str(i)] for i in range(self.config.num_layers)] if "0" in stored else None
 
     def decode(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
@@ -277,10 +289,11 @@ class LlamaDecoder(nn.Module):
         segments = jax.lax.dynamic_update_slice(cache["segment"], segment_ids.astype(jnp.int32), (0, index))
         mask = attention_mask(segment_ids, segments, index)
         # An unbound block (parent=None) applied to each layer's weights.
-        stored, block = self.layers.variables["params"], LlamaBlock(self.config, parent=None)
+        stacked, block = self.layers.variables["params"], LlamaBlock(self.config, parent=None)
+        per_layer = self._per_layer_weights() or [jax.tree.map(lambda w, i=i: w[i], stacked)
+                                                  for i in range(self.config.num_layers)]
         updated = []
-        for i, layer_cache in enumerate(cache["layers"]):
-            weights = stored[str(i)] if str(i) in stored else jax.tree.map(lambda w, i=i: w[i], stored)
+        for weights, layer_cache in zip(per_layer, cache["layers"]):
             x, layer_cache = block.apply({"params": weights}, x, cos, sin, mask, layer_cache, index)
             updated.append(layer_cache)
         cache = {"layers": tuple(updated), "segment": segments, "index": index + segment_ids.shape[1]}

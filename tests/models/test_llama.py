@@ -10,7 +10,7 @@ import torch
 from flax import linen as nn
 
 from emu2_jax.convert.llama import convert_llama
-from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache
+from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache, unstack_layers
 from tests.torch_refs import hf_llama, state_dict_np
 
 TOL = 1e-4
@@ -201,3 +201,22 @@ def test_named_remat_policies_keep_the_tagged_projections(capsys):
 
     counts = {policy: residuals(policy) for policy in ("none", "full", "save_qkv_proj", "minimal")}
     assert counts["full"] < counts["save_qkv_proj"] < counts["minimal"] < counts["none"], counts
+
+
+def test_serving_layout_gives_the_same_forward_and_decoding():
+    """`unstack_layers` (one tree per layer) is read by the full forward and by decoding alike."""
+    config = tiny_config(num_kv_heads=2)
+    params = nn.unbox(init_params(config))["params"]
+    serving = unstack_layers(jax.tree.map(jnp.copy, params))
+    assert sorted(serving["layers"]) == [str(i) for i in range(config.num_layers)]
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(forward(config, serving, tokens), forward(config, params, tokens), atol=1e-6)
+
+    def step(m, tokens, cache):
+        hidden, cache = m.decode(m.embed(tokens), arange_positions(*tokens.shape), jnp.ones_like(tokens), cache)
+        return m.logits(hidden)
+
+    decode = jax.jit(functools.partial(LlamaDecoder(config).apply, method=step))
+    cache = init_cache(config, batch_size=2)
+    np.testing.assert_allclose(decode({"params": serving}, tokens, cache), decode({"params": params}, tokens, cache),
+                               atol=1e-6)
