@@ -101,8 +101,6 @@ def init_cache(model: Emu2Model, batch_size: int, slots: int | None = None) -> P
 
 
 def check_fits(config: Emu2Config, prompt_len: int, max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     if prompt_len + max_new_tokens > config.llm.max_cache_length:
         raise ValueError(f"prompt length {prompt_len} + {max_new_tokens} new tokens exceeds the model's context "
                          f"({config.llm.max_cache_length} positions, llm.max_cache_length)")

@@ -289,8 +289,8 @@ class LlamaDecoder(nn.Module):
         segments = jax.lax.dynamic_update_slice(cache["segment"], segment_ids.astype(jnp.int32), (0, index))
         mask = attention_mask(segment_ids, segments, index)
         # An unbound block (parent=None) applied to each layer's weights.
-        stacked, block = self.layers.variables["params"], LlamaBlock(self.config, parent=None)
-        per_layer = self._per_layer_weights() or [jax.tree.map(lambda w, i=i: w[i], stacked)
+        block = LlamaBlock(self.config, parent=None)
+        per_layer = self._per_layer_weights() or [jax.tree.map(lambda w, i=i: w[i], self.layers.variables["params"])
                                                   for i in range(self.config.num_layers)]
         updated = []
         for weights, layer_cache in zip(per_layer, cache["layers"]):
