@@ -33,9 +33,11 @@ EXTRAS = {
         "safetensors>=0.4",
         "libtpu==0.0.42.*",  # compiles for TPU topologies on CPU (tests/test_aot.py); jax 0.10.2's own pin
         "pycocoevalcap>=1.2",  # CIDEr-D parity with coco-caption's pure-Python scorer (tests/evaluation)
+        "av>=14",  # MP4 / WebM clips (tests/test_video_io.py)
     ],
     "convert": ["torch==2.13.0", "safetensors>=0.4"],
     "tpu": ["libtpu==0.0.42.*"],
+    "video": ["av>=14"],  # PyAV (FFmpeg): reading video files, writing MP4 / WebM clips
 }
 
 setup(
