@@ -9,6 +9,7 @@ such as `tiny` (a CPU-sized model and run on the embedded dataset) or a stage's 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, *known: str) -> set[str]:
@@ -34,7 +35,8 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.model_overrides = ml_collections.ConfigDict()
     c.model_overrides.dtype = "float32" if tiny else "bfloat16"  # compute dtype (papers: bf16)
     c.model_overrides.param_dtype = "float32"                    # float32 master weights
-    c.model_overrides.remat_policy = "none" if tiny else "full"  # a key of models.layers.REMAT_POLICIES
+    # A key of models.layers.REMAT_POLICIES, or "auto": emu2_jax.plan picks it with the mesh.
+    c.model_overrides.remat_policy = "none" if tiny else "auto"
     # Top-level components that train (emu2.COMPONENTS); the others are frozen: no gradient, no
     # optimizer state. With llm.lora_rank > 0 only the LoRA adapters of `llm` train.
     c.trainable = ("visual", "connector", "llm", "project_down")
@@ -62,10 +64,13 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     # Steps, batch and sequence layout.
     c.total_steps = 10_000
     c.global_batch_size = 1024       # rows per optimizer step, over all processes
-    c.grad_accum_steps = 1           # microbatches per step (each global_batch_size / grad_accum_steps rows)
+    # Microbatches per step (each global_batch_size / grad_accum_steps rows); 0: emu2_jax.plan picks.
+    c.grad_accum_steps = 1 if tiny else 0
     c.seq_len = 2048
     c.max_images_per_row = 8         # image / video-frame slots of a row
-    c.mesh_shape = (1, -1, 1)        # (data, fsdp, tensor); -1 takes the remaining devices
+    # (data, fsdp, tensor), -1 taking the remaining devices; or "auto": emu2_jax.plan chooses the mesh,
+    # accumulation and remat policy that fit the chips and divide the batch (docs/sharding.md).
+    c.mesh_shape = config_dict.FieldReference("auto", field_type=object)
     # Overrides of the logical-axis rules (emu2_jax.sharding.LOGICAL_RULES, docs/sharding.md):
     # ((logical name, mesh axis | (mesh axes) | None), ...), e.g. (('act_batch', ('data', 'fsdp', 'tensor')),)
     c.sharding_rules = ()

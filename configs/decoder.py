@@ -38,6 +38,8 @@ def get_config(arg=None):
     c.decoder.sample_steps = 8 if tiny else 50  # Euler steps of the training samples (reconstructions)
     c.decoder.guidance_scale = 3.0
     c.trainable = ("unet",)
+    if not tiny:  # automatic plans (emu2_jax.plan) model the LLM stages; pods pass mesh_shape / grad_accum_steps
+        c.mesh_shape, c.grad_accum_steps, c.model_overrides.remat_policy = (1, -1, 1), 1, "full"
     c.init_components = "visual,vae,unet"
     c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the decoder's loss is the denoising MSE
     # Data: the images of image-text webdataset shards (captions unused).

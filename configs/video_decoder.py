@@ -38,6 +38,8 @@ def get_config(arg=None):
     c.video_decoder.guidance_scale = 3.0
     c.video_decoder.sample_fps = 8.0
     c.trainable = ("unet", "cond_proj")
+    if not tiny:  # automatic plans (emu2_jax.plan) model the LLM stages; pods pass mesh_shape / grad_accum_steps
+        c.mesh_shape, c.grad_accum_steps, c.model_overrides.remat_policy = (1, -1, 1), 1, "full"
     c.init_components = "visual,vae,unet"
     c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the loss is the denoising MSE
     c.data.video_frames = 16              # frames per clip

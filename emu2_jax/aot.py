@@ -24,7 +24,6 @@ HBM traffic at its bandwidth, ignoring collectives.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any
@@ -38,30 +37,16 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emu2_jax import cli, metrics, train
+from emu2_jax import plan as plan_lib
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
 from emu2_jax.inference import text
+from emu2_jax.plan import CHIPS, Chip
 from emu2_jax.tasks import llm as llm_task
 
 GIB = 2 ** 30
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    platform: str        # libtpu's topology prefix
-    hbm_gib: float
-    peak_tflops: float   # dense bf16
-    hbm_gbps: float      # HBM bandwidth, GB/s
-    cores_per_name: int  # Cloud names count TensorCores: v4-256 / v5p-256 are 128 chips
-    dims: int            # torus dimensions
-
-
-CHIPS = {
-    "v4": Chip("v4", 32, 275, 1228, 2, 3),
-    "v5p": Chip("v5p", 95, 459, 2765, 2, 3),
-    "v5e": Chip("v5e", 16, 197, 819, 1, 2),
-    "v6e": Chip("v6e", 32, 918, 1640, 1, 2),
-}
 ALIASES = {"v5litepod": "v5e"}
 # Chip count -> the slice shape Cloud TPU provisions for it.
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -259,9 +244,11 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "infer: prompt length (0: th
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = flags.FLAGS.config
     chip, devices = topology_devices(_TOPOLOGY.value)
     chips = len(devices)
+    config, plan = plan_lib.apply(flags.FLAGS.config, devices, chip)
+    if plan is not None:
+        print(f"automatic plan for {chips} x {chip.platform}: {plan.describe()}", flush=True)
     mesh_txt = lambda t: " x ".join(f"{k} {v}" for k, v in t.mesh.shape.items())
     if _MODE.value == "train":
         trainer, compiled, program = compile_train_step(config, devices)

@@ -104,22 +104,36 @@ def rules_with_overrides(overrides: Sequence[Sequence[Any]] = ()) -> Rules:
     return tuple((name, replaced.get(name, axes)) for name, axes in LOGICAL_RULES)
 
 
-def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); one entry of `mesh_shape` may be -1 (fill)."""
-    devices = list(devices if devices is not None else jax.devices())
-    shape = list(mesh_shape)
+def resolve_mesh_shape(mesh_shape: Sequence[int] | str, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) from a sequence or a string such as "16,4,1" or "(1,-1,1)"; one entry may
+    be -1 (the remaining devices). ValueError naming `mesh_shape` if it does not fit `num_devices`."""
+    if isinstance(mesh_shape, str):
+        try:
+            shape = [int(x) for x in mesh_shape.strip().strip("()[]").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"mesh_shape={mesh_shape!r}: expected 'auto' or data,fsdp,tensor integers") from None
+    else:
+        shape = [int(x) for x in mesh_shape]
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh_shape={mesh_shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh_shape={mesh_shape}: at most one entry may be -1")
     if -1 in shape:
         known = int(np.prod([s for s in shape if s != -1]))
-        if len(devices) % known:
-            raise ValueError(f"mesh_shape={mesh_shape} does not divide {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        if num_devices % known:
+            raise ValueError(f"mesh_shape={mesh_shape} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh_shape={tuple(shape)} needs {int(np.prod(shape))} devices, have {num_devices}")
+    return tuple(shape)
+
+
+def create_mesh(mesh_shape: Sequence[int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) (`mesh_shape` as `resolve_mesh_shape` takes it)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if mesh_shape == "auto":
+        raise ValueError("mesh_shape='auto' must be resolved first (emu2_jax.plan.apply)")
+    return Mesh(np.asarray(devices).reshape(resolve_mesh_shape(mesh_shape, len(devices))), MESH_AXES)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):

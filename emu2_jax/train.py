@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from emu2_jax import checkpointing, cli, metrics, optim, tasks
+from emu2_jax import plan as plan_lib
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout, pipeline
 
@@ -60,7 +61,7 @@ class TrainState:
 
 # Integer fields and their lowest allowed value: the loop divides by the *_every_steps and counts
 # steps and streaks with the others.
-_MIN_VALUES = (("total_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1), ("log_every_steps", 1),
+_MIN_VALUES = (("total_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 0), ("log_every_steps", 1),
                ("checkpoint_every_steps", 1), ("sample_every_steps", 0), ("max_consecutive_nonfinite", 1))
 
 
@@ -191,6 +192,9 @@ class Trainer:
 
 def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Trainer:
     """Model, mesh, shardings, optimizer and the jitted train step of `config` (on `devices`, default all)."""
+    unresolved = plan_lib.unresolved_fields(config)
+    if unresolved:
+        raise ValueError(f"{', '.join(unresolved)} must be resolved first: emu2_jax.plan.apply(config, devices)")
     task = tasks.create(config)
     rules = sh.rules_with_overrides(config.sharding_rules)
     mesh = sh.create_mesh(config.mesh_shape, devices)
@@ -263,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if errors:
         raise ValueError("\n".join(errors))
     os.makedirs(workdir, exist_ok=True)
+    config, _ = plan_lib.apply(config, devices if devices is not None else jax.devices())
     trainer = create_trainer(config, devices)
     task, mesh = trainer.task, trainer.mesh
     sampler = task.create_sampler(mesh, trainer.rules, workdir) if config.sample_every_steps else None

@@ -95,7 +95,7 @@ def test_training_mfu_and_aot_mfu_agree(monkeypatch):
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     training_mfu = metrics.Throughput(0, 10, flops, peak).report(4, tokens=0.0, images=0.0)["mfu"]
 
-    chip = aot.Chip("test", hbm_gib=16, peak_tflops=peak / 1e12, hbm_gbps=1000, cores_per_name=1, dims=2)
+    chip = aot.Chip("test", hbm_gib=16, peak_tflops=peak / 1e12, hbm_gbps=1000, ici_gbps=100, cores_per_name=1, dims=2)
     memory = types.SimpleNamespace(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
                                    temp_size_in_bytes=0, generated_code_size_in_bytes=0)
     compiled = types.SimpleNamespace(memory_analysis=lambda: memory, cost_analysis=lambda: {})

@@ -358,8 +358,9 @@ def test_real_configs_lower_on_an_fsdp_mesh(module):
     """The paper-sized train steps (bf16, remat, frozen parts, LoRA) trace with their shardings; nothing
     is allocated or compiled."""
     config = module.get_config()
-    config.update(allow_large_on_cpu=True, mesh_shape=(1, 8, 1), global_batch_size=8, seq_len=128,
-                  max_images_per_row=1)
+    config.update(allow_large_on_cpu=True, mesh_shape=(1, 8, 1), grad_accum_steps=1, global_batch_size=8,
+                  seq_len=128, max_images_per_row=1)
+    config.model_overrides.remat_policy = "full"
     trainer = train.create_trainer(config)
     batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
                          trainer.task.dummy_batch(8))

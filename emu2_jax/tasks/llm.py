@@ -49,6 +49,10 @@ def model_config(config: ml_collections.ConfigDict) -> emu2.Emu2Config:
     """The preset `config.model` with `config.model_overrides` applied; when `config.init_from` is a
     converted checkpoint (`python -m emu2_jax.convert`), the model it holds replaces the preset."""
     overrides = _flatten_overrides(config.model_overrides)
+    if overrides.get("remat_policy") == "auto":
+        # Not planned (emu2_jax.plan resolves it before training): the model is built to be run or
+        # inspected, where remat does not apply.
+        overrides["remat_policy"] = "full"
     saved = os.path.join(config.get("init_from") or "", CONFIG_FILE)
     if config.get("init_from") and os.path.isfile(saved):
         with open(saved) as f:
