@@ -90,9 +90,9 @@ def test_splash_parity_under_mesh_shard_map():
 
 def test_splash_refuses_heads_that_do_not_split_over_the_mesh():
     q, k, v = _qkv(4, 128, 4, 1)
-    with jax.set_mesh(sh.create_mesh((2, 2, 2))), nn.logical_axis_rules(sh.LOGICAL_RULES):
-        with pytest.raises(ValueError, match="1 key/value heads do not split over the 2 shards"):
-            _run("splash", q, k, v, causal=True)
+    with (jax.set_mesh(sh.create_mesh((2, 2, 2))), nn.logical_axis_rules(sh.LOGICAL_RULES),
+          pytest.raises(ValueError, match="1 key/value heads do not split over the 2 shards")):
+        _run("splash", q, k, v, causal=True)
 
 
 def test_auto_is_xla_on_cpu_and_cudnn_is_a_clear_error():
@@ -114,15 +114,25 @@ def test_configs_check_the_backend_name_and_presets_set_both_towers():
 
 
 def test_llama_decoder_splash_parity():
-    configs = {name: tiny_config(num_kv_heads=2, attention=name) for name in ("xla", "splash")}
+    """Logits and parameter gradients (scanned, rematerialised layers) of packed rows with padding."""
+    configs = {name: tiny_config(num_kv_heads=2, attention=name, remat_policy="minimal") for name in ("xla", "splash")}
     params = init_params(configs["xla"])["params"]
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 24)))
     segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4], jnp.int32)
-    logits = {name: jax.jit(lambda p, t, s, c=cfg: LlamaDecoder(c).apply(
-        {"params": p}, t, arange_positions(2, 24), s, method=LlamaDecoder.forward))(params, tokens, segments)
-        for name, cfg in configs.items()}
-    real = np.asarray(segments != 0)
-    np.testing.assert_allclose(np.asarray(logits["splash"])[real], np.asarray(logits["xla"])[real], atol=TOL, rtol=0)
+    real = segments != 0
+
+    def loss(params, config):
+        logits = LlamaDecoder(config).apply({"params": params}, tokens, arange_positions(2, 24), segments,
+                                            method=LlamaDecoder.forward)
+        return jnp.sum(jnp.where(real[..., None], logits, 0.0) ** 2) / logits.size, logits
+
+    results = {name: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, cfg)
+               for name, cfg in configs.items()}
+    (grads, logits), (want_grads, want_logits) = results["splash"], results["xla"]
+    np.testing.assert_allclose(np.asarray(logits)[np.asarray(real)], np.asarray(want_logits)[np.asarray(real)],
+                               atol=TOL, rtol=0)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)
 
 
 def test_eva_tower_splash_parity():
