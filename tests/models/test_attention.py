@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from configs import stage2
 from emu2_jax import sharding as sh
+from emu2_jax import train
 from emu2_jax.models import attention, presets
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
 from emu2_jax.models.llama import LlamaDecoder
@@ -142,3 +144,16 @@ def test_eva_tower_splash_parity():
     params = nn.unbox(EvaVisionTransformer(configs["xla"]).init(jax.random.key(0), images))
     tokens = {name: jax.jit(EvaVisionTransformer(cfg).apply)(params, images) for name, cfg in configs.items()}
     np.testing.assert_allclose(np.asarray(tokens["splash"]), np.asarray(tokens["xla"]), atol=TOL, rtol=0)
+
+
+def test_paper_sized_train_step_lowers_with_splash_on_a_mesh():
+    """Stage 2 (448-px tower: 1025 tokens, padded to 1152; 52 LLM heads over tensor 2) traces with the
+    kernels inside shard_map under the trainer's mesh and rules; nothing is compiled."""
+    config = stage2.get_config()
+    config.update(allow_large_on_cpu=True, mesh_shape=(1, 4, 2), global_batch_size=8, seq_len=128,
+                  max_images_per_row=1)
+    config.model_overrides.attention = "splash"
+    trainer = train.create_trainer(config)
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
+                         trainer.task.dummy_batch(8))
+    assert "sdy.manual_computation" in trainer.train_step.lower(trainer.abstract_state, batch).as_text()
