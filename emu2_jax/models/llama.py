@@ -246,7 +246,7 @@ class LlamaDecoder(nn.Module):
                                           (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
 
     def _inputs(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """(x in the compute dtype, RoPE cos, sin, segment ids or None) after the shape checks."""
         cfg = self.config
         chex.assert_shape(inputs_embeds, (None, None, cfg.hidden_size))
