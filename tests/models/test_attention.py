@@ -117,7 +117,8 @@ def test_configs_check_the_backend_name_and_presets_set_both_towers():
 
 def test_llama_decoder_splash_parity():
     """Logits and parameter gradients (scanned, rematerialised layers) of packed rows with padding."""
-    configs = {name: tiny_config(num_kv_heads=2, attention=name, remat_policy="minimal") for name in ("xla", "splash")}
+    configs = {name: tiny_config(num_layers=1, num_kv_heads=2, attention=name, remat_policy="minimal")
+               for name in ("xla", "splash")}
     params = init_params(configs["xla"])["params"]
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 24)))
     segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4], jnp.int32)
