@@ -37,6 +37,9 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
     c.model_overrides.param_dtype = "float32"                    # float32 master weights
     # A key of models.layers.REMAT_POLICIES, or "auto": emu2_jax.plan picks it with the mesh.
     c.model_overrides.remat_policy = "none" if tiny else "auto"
+    # Attention kernel of the LLM and the vision tower (models.attention.BACKENDS): 'auto' is splash on
+    # TPU, cuDNN flash attention on GPU in bfloat16, plain XLA otherwise (docs/sharding.md#attention-backends).
+    c.model_overrides.attention = "auto"
     # Top-level components that train (emu2.COMPONENTS); the others are frozen: no gradient, no
     # optimizer state. With llm.lora_rank > 0 only the LoRA adapters of `llm` train.
     c.trainable = ("visual", "connector", "llm", "project_down")

@@ -148,8 +148,7 @@ def _replicate_nondividing(shape: tuple[int, ...], sharding: NamedSharding) -> N
     output bias over 8 fsdp shards): such a dimension is replicated instead."""
     spec = []
     for size, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
-        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-        spec.append(axes if size % int(np.prod([sharding.mesh.shape[a] for a in names])) == 0 else None)
+        spec.append(axes if size % shard_count(sharding.mesh, axes) == 0 else None)
     return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
@@ -161,12 +160,16 @@ def param_shardings(boxed_variables, mesh: Mesh, rules=LOGICAL_RULES):
                         nn.unbox(boxed_variables), shardings)
 
 
+def shard_count(mesh: Mesh | jax.sharding.AbstractMesh, axes: str | tuple[str, ...] | None) -> int:
+    """How many ways one PartitionSpec entry (a mesh axis, a tuple of them or None) splits a dimension."""
+    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
     """How many ways the batch is split on `mesh`: the product of the mesh axes that the activation
     batch axis maps to. Batch-size checks and batch placement both follow it."""
-    axes = nn.logical_to_mesh_axes((ACT_BATCH,), rules)[0]
-    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-    return int(np.prod([mesh.shape[a] for a in names]))
+    return shard_count(mesh, nn.logical_to_mesh_axes((ACT_BATCH,), rules)[0])
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES, *, leading_accum: bool = True) -> NamedSharding:

@@ -23,7 +23,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from emu2_jax import sharding as sh
-from emu2_jax.models import layers
+from emu2_jax.models import attention, layers
 
 _RESIDUAL_AXES = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)
 
@@ -47,6 +47,7 @@ class VisionConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
+    attention: str = "auto"      # a key of attention.BACKENDS
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -57,6 +58,7 @@ class VisionConfig:
             raise ValueError(f"use_rope needs head_dim={self.head_dim} divisible by 4")
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+        attention.check_backend(self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +117,8 @@ class EvaAttention(nn.Module):
         if cfg.use_rope:
             sin, cos = rope_sin_cos(cfg)
             q, k = (jnp.concatenate([t[:, :1], _apply_rope(t[:, 1:], sin, cos)], axis=1) for t in (q, k))
-        out = layers.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, dtype=cfg.dtype)
+        out = attention.attention(q, k, v, implementation=cfg.attention, causal=False, scale=cfg.head_dim ** -0.5,
+                                  dtype=cfg.dtype)
         out = nn.with_logical_constraint(out, head_axes)
         if cfg.sub_ln:  # LayerNorm over all heads' channels together
             normed = layers.layer_norm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,

@@ -43,7 +43,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from emu2_jax import sharding as sh
-from emu2_jax.models import layers
+from emu2_jax.models import attention, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ class LlamaConfig:
     dtype: Any = jnp.float32           # compute dtype
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"         # a key of layers.REMAT_POLICIES
+    attention: str = "auto"            # a key of attention.BACKENDS (the full forward; decoding is xla)
     lora_rank: int = 0                 # LoRA on q, k, v, o when > 0 (Emu v1 chat tuning)
     lora_alpha: float = 16.0
 
@@ -72,6 +73,7 @@ class LlamaConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        attention.check_backend(self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -92,12 +94,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
-
-
-def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int) -> jax.Array:
-    """[B, 1, T, S]: causal by slot (query i sits at slot q_offset + i), same segment, query not padding."""
-    same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments != 0)[:, :, None]
-    return layers.causal_mask(q_segments.shape[1], kv_segments.shape[1], q_offset) & same[:, None]
 
 
 class LoRADense(nn.Module):
@@ -143,11 +139,13 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        """(output, updated layer cache). mask [B, 1, T, S] (True = attend); with a `cache`, the new
-        keys and values are written at slot `index` and the queries attend over all its slots."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None = None, *,
+                 mask: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """(output, updated layer cache). Without a cache: causal self-attention within `segment_ids`
+        [B, T] (None = one segment per row) by `config.attention`. With a `cache`, the new keys and
+        values are written at slot `index` and the queries attend over all its slots by `mask`
+        [B, 1, T, S] (True = attend)."""
         cfg = self.config
         proj = functools.partial(LoRADense, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype)
@@ -163,7 +161,8 @@ class LlamaAttention(nn.Module):
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), kv_axes)
         v = nn.with_logical_constraint(v, kv_axes)
         if cache is None:
-            out = layers.dot_product_attention(q, k, v, mask, dtype=cfg.dtype)
+            out = attention.attention(q, k, v, implementation=cfg.attention, causal=True, segment_ids=segment_ids,
+                                      dtype=cfg.dtype)
         else:
             write = lambda old, new: nn.with_logical_constraint(
                 jax.lax.dynamic_update_slice(old, jnp.swapaxes(new, 1, 2).astype(old.dtype), (0, 0, index, 0)),
@@ -212,14 +211,16 @@ class LlamaBlock(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None = None, *,
+                 mask: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """`LlamaAttention`'s arguments."""
         cfg = self.config
         act_axes = (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED)
         norm = functools.partial(layers.RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype)
-        attended, cache = LlamaAttention(cfg, name="attn")(norm(name="input_norm")(x), cos, sin, mask, cache, index)
+        attended, cache = LlamaAttention(cfg, name="attn")(norm(name="input_norm")(x), cos, sin, segment_ids,
+                                                           mask=mask, cache=cache, index=index)
         h = nn.with_logical_constraint(x + attended, act_axes)
         out = h + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_norm")(h))
         return nn.with_logical_constraint(out, act_axes), cache
@@ -245,14 +246,13 @@ class LlamaDecoder(nn.Module):
                                           (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
 
     def _inputs(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """(x in the compute dtype, RoPE cos, sin, segment ids) after the shape checks."""
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """(x in the compute dtype, RoPE cos, sin, segment ids or None) after the shape checks."""
         cfg = self.config
         chex.assert_shape(inputs_embeds, (None, None, cfg.hidden_size))
         chex.assert_shape(positions, inputs_embeds.shape[:2])
-        if segment_ids is None:
-            segment_ids = jnp.ones(positions.shape, jnp.int32)
-        chex.assert_shape(segment_ids, inputs_embeds.shape[:2])
+        if segment_ids is not None:
+            chex.assert_shape(segment_ids, inputs_embeds.shape[:2])
         x = nn.with_logical_constraint(inputs_embeds.astype(cfg.dtype),
                                        (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
@@ -266,12 +266,11 @@ class LlamaDecoder(nn.Module):
         tokens with the same non-zero id (packing); 0 marks padding; None means one segment per row.
         """
         x, cos, sin, segment_ids = self._inputs(inputs_embeds, positions, segment_ids)
-        mask = attention_mask(segment_ids, segment_ids, 0)
         per_layer = self._per_layer_weights()
         if per_layer is None:
-            x, _ = self.layers(x, cos, sin, mask)
+            x, _ = self.layers(x, cos, sin, segment_ids)
         for weights in per_layer or ():
-            x, _ = LlamaBlock(self.config, parent=None).apply({"params": weights}, x, cos, sin, mask)
+            x, _ = LlamaBlock(self.config, parent=None).apply({"params": weights}, x, cos, sin, segment_ids)
         return self.norm(x)
 
     def _per_layer_weights(self) -> list[Any] | None:
@@ -285,16 +284,17 @@ class LlamaDecoder(nn.Module):
                cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
         """`__call__` of tokens appended to the KV cache (module docstring): (hidden states, cache)."""
         x, cos, sin, segment_ids = self._inputs(inputs_embeds, positions, segment_ids)
+        segment_ids = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids
         index = cache["index"]
         segments = jax.lax.dynamic_update_slice(cache["segment"], segment_ids.astype(jnp.int32), (0, index))
-        mask = attention_mask(segment_ids, segments, index)
+        mask = attention.attention_mask(segment_ids, segments, index)
         # An unbound block (parent=None) applied to each layer's weights.
         block = LlamaBlock(self.config, parent=None)
         per_layer = self._per_layer_weights() or [jax.tree.map(lambda w, i=i: w[i], self.layers.variables["params"])
                                                   for i in range(self.config.num_layers)]
         updated = []
         for weights, layer_cache in zip(per_layer, cache["layers"]):
-            x, layer_cache = block.apply({"params": weights}, x, cos, sin, mask, layer_cache, index)
+            x, layer_cache = block.apply({"params": weights}, x, cos, sin, mask=mask, cache=layer_cache, index=index)
             updated.append(layer_cache)
         cache = {"layers": tuple(updated), "segment": segments, "index": index + segment_ids.shape[1]}
         return self.norm(x), cache

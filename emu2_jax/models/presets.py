@@ -1,7 +1,8 @@
 """Named model sizes. `get_config(name, **overrides)` is how configs and tools pick a model.
 
 Overrides address nested fields with dots, e.g. `get_config("small", **{"llm.remat_policy": "full"})`;
-`dtype=`/`param_dtype=`/`remat_policy=` without a prefix apply to every component.
+`dtype=`/`param_dtype=`/`remat_policy=`/`attention=` without a prefix apply to every component that has
+the field (`attention`: the vision tower and the LLM).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ PRESETS: dict[str, Callable[[], Emu2Config]] = {
 }
 
 _COMPONENTS = ("vision", "llm", "causal_transformer")
-_EVERYWHERE = ("dtype", "param_dtype", "remat_policy")
+_EVERYWHERE = ("dtype", "param_dtype", "remat_policy", "attention")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -99,7 +100,7 @@ def apply_overrides(config: Emu2Config, name: str, **overrides: Any) -> Emu2Conf
     for key, value in overrides.items():
         if key in _EVERYWHERE:
             parts = {c: dataclasses.replace(getattr(config, c), **{key: _coerce(key, value)})
-                     for c in _COMPONENTS if getattr(config, c) is not None}
+                     for c in _COMPONENTS if hasattr(getattr(config, c), key)}
             config = dataclasses.replace(config, **parts)
         elif "." in key:
             component, field = key.split(".", 1)

@@ -36,7 +36,7 @@ def frozen_encoder(config: ml_collections.ConfigDict) -> tuple[Emu2Config, Visio
     of a decoder stage config (image or video)."""
     overrides = {k: v for k, v in config.model_overrides.items() if not isinstance(v, ml_collections.ConfigDict)}
     emu2_cfg = presets.get_config(config.model, **{k: v for k, v in overrides.items()
-                                                   if k in ("dtype", "param_dtype", "remat_policy")})
+                                                   if k in ("dtype", "param_dtype", "remat_policy", "attention")})
     vision = emu2_cfg.vision
     if "vision" in config.model_overrides:
         vision = dataclasses.replace(vision, **config.model_overrides.vision.to_dict())
