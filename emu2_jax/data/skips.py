@@ -15,6 +15,8 @@ REASONS: tuple[str, ...] = (
     "too_small",          # image below the decoder's minimum side
     "bad_record",         # malformed json / incomplete webdataset sample (ingest)
     "unsafe_path",        # a record names a file outside its image_dir / shard folder (ingest)
+    "bad_video",          # a video file PyAV cannot demux or decode (ingest)
+    "too_short",          # a video with fewer frames than the source samples (ingest)
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
