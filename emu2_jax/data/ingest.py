@@ -13,6 +13,7 @@ runners show while the job runs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -130,7 +131,8 @@ def ingest_shards(tasks: Sequence[ShardTask], ingester: ShardIngester, *,
     Beam options, otherwise as one Beam pipeline); the results in task order."""
     if beam_runner is None and beam_options is None:
         return [ingester(task) for task in tasks]
-    ingester = ShardIngester(ingester.reader, ingester.features, on_beam=True)
+    ingester = copy.copy(ingester)
+    ingester.on_beam = True
     pipeline = beam.Pipeline(runner=beam_runner, options=beam_options)
     _ = (pipeline
          | "Shards" >> beam.Create(list(tasks))
@@ -175,11 +177,17 @@ def beam_settings(runner: str, num_workers: int = 0, options: Sequence[str] = ()
         return None, None
     if runner not in RUNNERS:
         raise ValueError(f"unknown Beam runner {runner!r}; expected one of {RUNNERS}")
-    flags = [f"--runner={runner}", *options]
+    if runner != "DirectRunner":
+        flags = [f"--runner={runner}", *options]
+        flags += [f"--num_workers={num_workers}"] if num_workers else []
+        return None, beam.options.pipeline_options.PipelineOptions(flags)
+    # Beam's DirectRunner would first download and try its Prism binary (which ignores the
+    # direct_* options); its Python engine, the FnApiRunner, runs offline and honours them.
+    from apache_beam.runners.portability import fn_api_runner  # pylint: disable=import-outside-toplevel
+    flags = list(options)
     if num_workers:
-        flags += ([f"--direct_num_workers={num_workers}", "--direct_running_mode=multi_processing"]
-                  if runner == "DirectRunner" else [f"--num_workers={num_workers}"])
-    return None, beam.options.pipeline_options.PipelineOptions(flags)
+        flags += [f"--direct_num_workers={num_workers}", "--direct_running_mode=multi_processing"]
+    return fn_api_runner.FnApiRunner(), beam.options.pipeline_options.PipelineOptions(flags)
 
 
 def shard_tasks(kind: str, paths: Sequence[str], parts_dir: str, **inputs: Any) -> list[ShardTask]:
