@@ -297,7 +297,7 @@ def _guarded(build: Callable[..., dict | None], where: str, skips: Counter, *arg
     try:
         return build(*args)
     except SkipExample as e:
-        skip(skips, e.reason, where, e)
+        skip(skips, e.reason, where, e.detail)
         return None
     except OSError:
         raise

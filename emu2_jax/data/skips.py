@@ -28,7 +28,7 @@ class SkipExample(Exception):
         if reason not in REASON_INDEX:
             raise ValueError(f"unknown skip reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass(frozen=True)

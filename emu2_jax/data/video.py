@@ -43,6 +43,8 @@ def read_video_bytes(data: bytes, num_frames: int, stride: int = 1) -> list[np.n
         # Counting packets only demuxes (no decoding); webm headers often give no frame count.
         with av.open(io.BytesIO(data)) as container:
             total = sum(1 for packet in container.demux(video=0) if packet.size)
+        if not total:  # e.g. an mp4 cut before its frames' index
+            raise SkipExample("bad_video", "no video frames")
         strided = range(0, total, stride)
         if len(strided) < num_frames:
             raise SkipExample("too_short", f"{total} frames, stride {stride}, want {num_frames}")
