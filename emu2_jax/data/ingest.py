@@ -71,11 +71,11 @@ class ShardResult:
 
 
 def _write_atomically(path: epath.Path, write: Callable[[epath.Path], Any]) -> Any:
-    """write(tmp) then rename tmp -> path: readers of `path` see all of it or nothing."""
+    """write(tmp) then move tmp over path: readers of `path` see all of it or nothing."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
         result = write(tmp)
-        tmp.rename(path)
+        tmp.replace(path)  # over a stale file of a run that crashed before its marker
     finally:
         tmp.unlink(missing_ok=True)
     return result

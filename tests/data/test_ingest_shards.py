@@ -1,0 +1,173 @@
+"""Ingestion shard by shard: Beam and this process give the same examples and skips, a failed run
+resumes at the input files it had not finished, `python -m emu2_jax.data.prepare` as users run it,
+local and file:// paths."""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from emu2_jax.data import ingest
+from emu2_jax.data import sources as src
+
+from .conftest import GOOD, NOT_UTF8, REPO_ROOT, TRUNCATED, jpeg_bytes, write_jsonl, write_tar
+
+
+def _pairs_corpus(root) -> str:
+    """Three tar shards with every bad webdataset sample kind; a pattern naming them."""
+    write_tar(root / "p-0.tar", [
+        ("a.jpg", GOOD), ("a.txt", b"a red square"),
+        ("b.png", jpeg_bytes(fmt="PNG")), ("b.json", json.dumps({"caption": "from json"}).encode()),
+        ("c.jpg", GOOD),                          # no caption
+        ("d.txt", b"caption without image"),      # no image
+        ("e.jpg", TRUNCATED), ("e.txt", b"kept at ingest, dropped when decoded"),
+        ("f.jpg", GOOD), ("f.txt", NOT_UTF8)])
+    cut = write_tar(root / "p-1.tar", [(f"{k}.jpg", GOOD) if i == 0 else (f"{k}.txt", k.encode())
+                                       for k in "ghijkl" for i in range(2)])
+    with open(cut, "r+b") as f:
+        f.truncate(6000)                          # corrupt shard: 2 samples kept
+    write_tar(root / "p-2.tar", [("m.jpg", GOOD), ("m.txt", b"m"), ("n.jpg", GOOD)])
+    return str(root / "p-{0..2}.tar")
+
+
+def _mmc4_corpus(root) -> tuple[str, str]:
+    """Two MMC4 files with every bad line kind; (their paths, image_dir)."""
+    images = root / "images"
+    images.mkdir()
+    (images / "one.jpg").write_bytes(GOOD)
+    (root / "secret.jpg").write_bytes(GOOD)
+
+    def doc(*names, text=("A.", "B.")):
+        return {"text_list": list(text),
+                "image_info": [{"image_name": n, "matched_text_index": 0} for n in names]}
+    write_jsonl(root / "d-0.jsonl", [
+        doc("one.jpg"), doc("one.jpg", "gone.jpg"), doc("gone.jpg"), b'{"text_list": ["broken',
+        b'{"text_list": ["' + NOT_UTF8 + b'"], "image_info": []}', b"[" * 100_000])
+    write_jsonl(root / "d-1.jsonl", [
+        doc("one.jpg", "../secret.jpg", "/etc/hostname"), {"text_list": "not a list"},
+        doc("one.jpg", text=("C.",))])
+    return f"{root}/d-0.jsonl,{root}/d-1.jsonl", str(images)
+
+
+def _records(prepared) -> list[str]:
+    """The examples as a sorted list (a multiset), every field included."""
+    ds = prepared.data_source
+
+    def plain(value):
+        if isinstance(value, (bytes, str, bool, int, float)):
+            return repr(value)
+        if hasattr(value, "tolist"):
+            return repr(value.tolist())
+        return repr([plain(v) for v in value])
+    return sorted(repr({k: plain(v) for k, v in sorted(ds[i].items())}) for i in range(len(ds)))
+
+
+def _beam_config() -> tfds.download.DownloadConfig:
+    runner, options = ingest.beam_settings("DirectRunner")  # in this process: fast to start
+    return tfds.download.DownloadConfig(beam_runner=runner, beam_options=options)
+
+
+def test_beam_and_single_process_give_the_same_examples_and_skips(tmp_path, caplog):
+    pytest.importorskip("apache_beam")
+    pairs = _pairs_corpus(tmp_path)
+    mmc4, images = _mmc4_corpus(tmp_path)
+    for kind, fmt, paths, skips in [
+            ("pairs", "webdataset", pairs, {"bad_record": 4}),
+            ("interleaved", "mmc4", mmc4, {"missing_file": 2, "no_images": 1, "bad_record": 3,
+                                           "bad_text": 1, "unsafe_path": 2})]:
+        single = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
+                                    data_dir=str(tmp_path / "single"))
+        with caplog.at_level(logging.INFO, logger=ingest.__name__):
+            caplog.clear()
+            beam = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
+                                      data_dir=str(tmp_path / "beam"), download_config=_beam_config())
+        assert _records(beam) == _records(single) and len(_records(single)) == {"pairs": 7, "interleaved": 4}[kind]
+        assert beam.ingest_skips == single.ingest_skips == skips
+        # logging keeps a lone dict argument as the args themselves
+        (counters,) = [r.args for r in caplog.records if r.msg.startswith("beam counters")]
+        assert counters == {f"{kind}/{reason}": n for reason, n in skips.items()} | {
+            f"{kind}/records": len(_records(single))}
+        # one output shard per input file; the skips in the dataset's metadata either way
+        for prepared in (single, beam):
+            names = os.listdir(prepared.data_dir)
+            assert sum(".array_record-" in n for n in names) == (3 if kind == "pairs" else 2)
+            with open(os.path.join(prepared.data_dir, "metadata.json")) as f:
+                assert json.load(f) == {"ingest_skips": skips}
+
+
+def test_failed_run_resumes_at_the_files_it_had_not_finished(tmp_path, monkeypatch):
+    shards = [write_tar(tmp_path / f"s-{i}.tar", [m for j in range(3) for m in (
+        (f"k{j}.jpg", GOOD), (f"k{j}.txt", b"cap %d %d" % (i, j)))]) for i in range(4)]
+    real = src._READERS[("pairs", "webdataset")]
+    read: list[str] = []
+
+    def reader(fail_at: str):
+        def read_one(cfg, skips):
+            read.append(os.path.basename(cfg.paths[0]))
+            if read[-1] == fail_at:
+                raise OSError(f"cannot read input file {cfg.paths[0]}: network went away")
+            yield from real(cfg, skips)
+        return read_one
+    cache = str(tmp_path / "cache")
+    monkeypatch.setitem(src._READERS, ("pairs", "webdataset"), reader(fail_at="s-2.tar"))
+    with pytest.raises(OSError, match=r"s-2\.tar: network went away"):
+        src.prepare_source("pairs", "webdataset", paths=",".join(shards), data_dir=cache)
+    (parts,) = list((tmp_path / "cache" / "emu2_pairs").glob("*/1.0.0.parts"))
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "part-00000.array_record", "part-00000.json", "part-00001.array_record", "part-00001.json"]
+    # A crash inside shard 3's writing and a marker whose shard went missing: neither is complete.
+    (parts / "part-00003.array_record").write_bytes(b"half a shard")
+    (parts / "part-00001.array_record").unlink()
+
+    read.clear()
+    monkeypatch.setitem(src._READERS, ("pairs", "webdataset"), reader(fail_at=""))
+    prepared = src.prepare_source("pairs", "webdataset", paths=",".join(shards), data_dir=cache)
+    assert read == ["s-1.tar", "s-2.tar", "s-3.tar"]  # s-0.tar was not read again
+    captions = sorted(prepared.data_source[i]["caption"] for i in range(len(prepared.data_source)))
+    assert captions == sorted(b"cap %d %d" % (i, j) for i in range(4) for j in range(3))
+    assert not parts.exists()  # the staging folder goes once the dataset is complete
+
+
+def _prepare(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emu2_jax.data.prepare", *flags],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def test_prepare_command(tmp_path):
+    pattern = _pairs_corpus(tmp_path)
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}",
+                    f"--out={tmp_path / 'out'}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[-3:]  # after TFDS's own "Downloading and preparing" lines
+    assert lines[0].startswith("prepared 7 pairs records from ") and "runner none" in lines[0]
+    assert lines[-1] == 'ingest_skips={"bad_record": 4}'
+    assert lines[-2].startswith(f"dataset: {tmp_path / 'out'}/emu2_pairs/webdataset-")
+
+    # file:// input and output URIs
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths=file://{pattern}",
+                    f"--out=file://{tmp_path / 'uri'}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2].startswith(f"dataset: {tmp_path / 'uri'}/emu2_pairs/")
+
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={tmp_path}/nothing-*.tar")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"prepare: no file matches '{tmp_path}/nothing-*.tar'"]
+    done = _prepare("--kind=pairs", "--format=mmc4", "--paths=x")
+    assert "prepare: pairs records cannot be read from format 'mmc4'" in done.stderr
+
+
+def test_prepare_command_on_beam_with_worker_processes(tmp_path):
+    pytest.importorskip("apache_beam")
+    pattern = _pairs_corpus(tmp_path)
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}",
+                    f"--out={tmp_path / 'out'}", "--runner=DirectRunner", "--num_workers=2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[-3:]
+    assert lines[0].startswith("prepared 7 pairs records") and "runner DirectRunner" in lines[0]
+    assert lines[-1] == 'ingest_skips={"bad_record": 4}'
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}", "--num_workers=2")
+    assert "prepare: --num_workers and --beam_option need a Beam --runner" in done.stderr
