@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from emu2_jax.data import images as im
+from emu2_jax.data import sequences as sq
 from emu2_jax.data import sources as src
+from emu2_jax.data import tokenizer as tk
+from emu2_jax.data.assembly import Context
 from emu2_jax.data.skips import SkipExample
 
 from .conftest import GOOD, jpeg_bytes, write_jsonl, write_tar
@@ -19,6 +22,9 @@ def _clip(num_frames: int, container: str = "mp4") -> bytes:
     """Frame i is a flat grey of level 20 * i (read back within codec error)."""
     return video.encode_clip([np.full((24, 32, 3), 20 * i, np.uint8) for i in range(num_frames)],
                              container)
+
+
+FRAME = tk.IMG + tk.IMAGE * 2 + tk.IMG_END  # a frame's tokens with n_query=2
 
 
 def _levels(frames) -> list[int]:
@@ -72,7 +78,7 @@ def test_webvid_shards(tmp_path):
     assert prepared.ingest_skips == {"too_short": 1, "bad_video": 1, "bad_record": 1}
 
 
-def test_storyboard_interleaves_frames_and_subtitles_by_time(tmp_path):
+def test_storyboard_interleaves_frames_and_subtitles_by_time(tmp_path, tok):
     frames = tmp_path / "frames"
     frames.mkdir()
     for name in ("v0.jpg", "v1.jpg", "v2.jpg"):
@@ -94,3 +100,14 @@ def test_storyboard_interleaves_frames_and_subtitles_by_time(tmp_path):
     assert record["sentences"] == [b"", b"Hello.", b"", b"Same time as v1.", b"Later on.", b""]
     assert list(record["image_sentence"]) == [0, 2] and len(record["images"]) == 2
     assert prepared.ingest_skips == {"missing_file": 2, "no_images": 1, "bad_record": 2}
+
+    # In a stage-2 row the frames sit where their timestamps put them, whichever side of its
+    # sentence the pipeline draws an image on.
+    ctx = Context(tok, n_query=2, v_query=2, max_len=256, max_images=8)
+    sentences = [s.decode() for s in record["sentences"]]
+    frames = [np.full((8, 8, 3), level, np.float32) for level in (0.1, 0.2)]
+    rows = [sq.build_interleaved(ctx, sentences, frames, list(record["image_sentence"]),
+                                 np.random.default_rng(0), max_images=8, max_len=256,
+                                 image_first_prob=p, regress_images=False) for p in (0.0, 1.0)]
+    assert rows[0].tokens.tolist() == rows[1].tokens.tolist() == tok.encode(
+        f"{FRAME}Hello.{FRAME}Same time as v1. Later on.</s>")
