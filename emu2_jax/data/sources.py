@@ -27,6 +27,7 @@ from etils import epath
 from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
 from emu2_jax.data import embedded, formats, ingest, storyboard, video
+from emu2_jax.data import paths as input_paths
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class PreparedSource:
 
 def cache_dir(configured: str = "") -> epath.Path:
     """The TFDS data_dir: local, `file://` or remote (gs://, s3://)."""
-    return epath.Path(formats.local_or_uri(
+    return epath.Path(input_paths.local_or_uri(
         configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR))
 
 
@@ -208,7 +209,7 @@ def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", imag
     if fmt == "embedded":
         files, digest_inputs = [], [_embedded_digest()]
     else:
-        files = formats.expand_paths(paths)
+        files = input_paths.expand_paths(paths)
         if image_dir and not os.path.isdir(os.path.expanduser(image_dir)):
             raise FileNotFoundError(f"image_dir {image_dir!r} is not a directory")
         # The set of files (order-free: the same files listed differently are the same dataset).
