@@ -233,13 +233,13 @@ def chat_record(key: str, system: str, turns: list[tuple[str, str]], images: lis
 def _guarded(build: Callable[..., dict | None], where: str, skips: Counter, *args: Any) -> dict | None:
     """build(*args) for one record; any exception in it (a malformed field, an overflowing number)
     is that record's counted `bad_record` (a SkipExample: its own reason), never the end of the
-    source. I/O errors propagate."""
+    source. I/O errors and a missing optional package (PyAV for video files) propagate."""
     try:
         return build(*args)
     except SkipExample as e:
         skip(skips, e.reason, where, e.detail)
         return None
-    except OSError:
+    except (OSError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever a malformed record makes the code raise
         skip(skips, "bad_record", where, f"{type(e).__name__}: {e}"[:200])

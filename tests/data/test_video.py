@@ -78,6 +78,16 @@ def test_webvid_shards(tmp_path):
     assert prepared.ingest_skips == {"too_short": 1, "bad_video": 1, "bad_record": 1}
 
 
+def test_video_files_without_pyav_fail_ingestion_in_one_line(tmp_path, monkeypatch):
+    path = write_tar(tmp_path / "v.tar", [("a.mp4", _clip(4)), ("a.txt", b"clip")])
+
+    def no_pyav():
+        raise ImportError("reading video files needs PyAV: pip install -e '.[video]'")
+    monkeypatch.setattr(video, "_pyav", no_pyav)
+    with pytest.raises(ImportError, match=r"needs PyAV"):  # never counted as bad records
+        src.prepare_source("videos", "webdataset", paths=path, data_dir=str(tmp_path / "cache"))
+
+
 def test_storyboard_interleaves_frames_and_subtitles_by_time(tmp_path, tok):
     frames = tmp_path / "frames"
     frames.mkdir()
