@@ -30,7 +30,8 @@ flags.DEFINE_integer("clip_stride", 1, "video files: frames sampled among every 
 flags.DEFINE_string("out", "", "TFDS data dir (the training config's data.cache_dir; '' = "
                     f"${src.CACHE_ENV} or {src.DEFAULT_CACHE_DIR})")
 flags.DEFINE_enum("runner", "none", ingest.RUNNERS, "Beam runner; 'none': this process")
-flags.DEFINE_integer("num_workers", 0, "Beam workers (DirectRunner: processes on this machine)")
+flags.DEFINE_integer("num_workers", 0, "Beam workers (DirectRunner: processes on this machine; "
+                     "other runners: their --num_workers option)")
 flags.DEFINE_multi_string("beam_option", [], "a Beam pipeline option, e.g. --project=P")
 flags.mark_flags_as_required(["kind", "format"])
 
