@@ -6,10 +6,13 @@ Resumable: each finished input file leaves its output shard and a small json (it
 and skips per reason) in a staging folder beside the dataset (`<version>.parts`), both written to
 a temporary name and renamed, so a file cut short by a crash is never taken for a finished one.
 A run after a failure ingests only the input files without that json; when all are done the
-shards move into TFDS's dataset folder and the staging folder goes. Skips are summed from the
-jsons (so a resumed run still reports those of earlier runs); a Beam run also reports the skips of
-the files it ingested as Beam counters (namespace `emu2_ingest`, names `<kind>/<reason>`), which
-runners show while the job runs.
+shards move into TFDS's dataset folder and the staging folder goes. A retried or duplicated task
+(Beam reruns failed bundles, Dataflow may run stragglers twice) rewrites the same two files, so
+ingestion is idempotent.
+
+Skips are summed from the jsons (so a resumed run still reports those of earlier runs); a Beam run
+also reports the skips of the files it ingested as Beam counters (namespace `emu2_ingest`, names
+`<kind>/<reason>`), which runners show while the job runs.
 """
 from __future__ import annotations
 

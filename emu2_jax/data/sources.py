@@ -111,7 +111,7 @@ class _Emu2Builder(FileReaderBuilder):
         # Fixed now: while TFDS builds the dataset, data_dir names its temporary folder.
         self._parts_dir = ingest.parts_dir_of(self.data_dir)
 
-    def _download_and_prepare(self, dl_manager, download_config=None):
+    def _download_and_prepare(self, dl_manager, download_config):
         """Ingests every input file (on Beam when `download_config` names a runner or options)."""
         del dl_manager
         cfg: SourceConfig = self.builder_config
