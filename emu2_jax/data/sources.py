@@ -210,17 +210,18 @@ def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", imag
         files, digest_inputs = [], [_embedded_digest()]
     else:
         files = input_paths.expand_paths(paths)
-        if image_dir and not os.path.isdir(os.path.expanduser(image_dir)):
-            raise FileNotFoundError(f"image_dir {image_dir!r} is not a directory")
+        image_dir = input_paths.local_or_uri(image_dir) if image_dir else ""
+        if image_dir and not os.path.isdir(image_dir):  # local only: records name files in it
+            raise FileNotFoundError(f"image_dir {image_dir!r} is not a local directory")
         # The set of files (order-free: the same files listed differently are the same dataset).
         digest_inputs = sorted(_file_identity(f) for f in files)
-        digest_inputs += [os.path.expanduser(image_dir), system]
+        digest_inputs += [image_dir, system]
         if kind == "videos":  # only video files are sampled
             digest_inputs += [f"clip:{clip_frames}:{clip_stride}"]
     digest_inputs.append(CODE_DIGEST)  # a fix in the readers re-ingests instead of reusing
     digest = hashlib.sha1("\n".join(digest_inputs).encode()).hexdigest()[:12]
     config = SourceConfig(name=f"{fmt}-{digest}", fmt=fmt, paths=files,
-                          image_dir=os.path.expanduser(image_dir), system=system,
+                          image_dir=image_dir, system=system,
                           clip_frames=clip_frames, clip_stride=clip_stride,
                           description=f"{fmt} {kind}")
     builder = BUILDERS[kind](config=config, data_dir=str(cache_dir(data_dir)))

@@ -82,7 +82,7 @@ def test_beam_and_single_process_give_the_same_examples_and_skips(tmp_path, capl
                                     data_dir=str(tmp_path / "single"))
         with caplog.at_level(logging.INFO, logger=ingest.__name__):
             caplog.clear()
-            beam = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
+            beam = src.prepare_source(kind, fmt, paths=paths, image_dir=f"file://{images}",
                                       data_dir=str(tmp_path / "beam"), download_config=_beam_config())
         assert _records(beam) == _records(single) and len(_records(single)) == {"pairs": 7, "interleaved": 4}[kind]
         assert beam.ingest_skips == single.ingest_skips == skips
