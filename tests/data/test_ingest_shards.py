@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -33,13 +34,16 @@ def _pairs_corpus(root) -> str:
     return str(root / "p-{0..2}.tar")
 
 
-def _mmc4_corpus(root) -> tuple[str, str]:
-    """Two MMC4 files with every bad line kind; (their paths, image_dir)."""
+def _images(root) -> str:
+    """An image folder with one.jpg, and a secret.jpg beside it that records must not reach."""
     images = root / "images"
-    images.mkdir()
+    images.mkdir(exist_ok=True)
     (images / "one.jpg").write_bytes(GOOD)
     (root / "secret.jpg").write_bytes(GOOD)
+    return str(images)
 
+
+def _mmc4_corpus(root) -> str:
     def doc(*names, text=("A.", "B.")):
         return {"text_list": list(text),
                 "image_info": [{"image_name": n, "matched_text_index": 0} for n in names]}
@@ -49,7 +53,73 @@ def _mmc4_corpus(root) -> tuple[str, str]:
     write_jsonl(root / "d-1.jsonl", [
         doc("one.jpg", "../secret.jpg", "/etc/hostname"), {"text_list": "not a list"},
         doc("one.jpg", text=("C.",))])
-    return f"{root}/d-0.jsonl,{root}/d-1.jsonl", str(images)
+    return f"{root}/d-0.jsonl,{root}/d-1.jsonl"
+
+
+def _grit_corpus(root) -> str:
+    def meta(chunks='[[0, 1, 0.1, 0.2, 0.5, 0.9, 0.8]]', caption='"a dog"'):
+        return f'{{"caption": {caption}, "noun_chunks": {chunks}}}'.encode()
+    write_tar(root / "g-0.tar", [("x.jpg", GOOD), ("x.json", meta()), ("y.jpg", GOOD),
+                                 ("y.json", b"{not json")])
+    write_tar(root / "g-1.tar", [("z.jpg", GOOD), ("z.json", meta("[[0, 1e400, 0, 0, 1, 1, 1]]")),
+                                 ("w.jpg", GOOD), ("w.json", meta(caption="3")),
+                                 ("v.jpg", GOOD), ("v.json", meta("[]"))])
+    return str(root / "g-{0..1}.tar")
+
+
+def _text_corpus(root) -> str:
+    write_jsonl(root / "t-0.jsonl", [b"[" * 100_000, {"text": "ok"}, {"text": 5}])
+    write_jsonl(root / "t-1.jsonl", [{"meta": 1}, {"text": "two"}, b'{"text": "' + NOT_UTF8 + b'"}'])
+    return f"{root}/t-0.jsonl,{root}/t-1.jsonl"
+
+
+def _llava_corpus(root) -> str:
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."}]
+    (root / "l-0.json").write_text(json.dumps([
+        {"image": "one.jpg", "conversations": turns},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"image": "missing.jpg", "conversations": turns},
+        {"conversations": turns[::-1]}]))
+    write_jsonl(root / "l-1.jsonl", [{"image": n, "conversations": turns}
+                                     for n in ("../secret.jpg", "/etc/hostname", "one.jpg")])
+    return f"{root}/l-0.json,{root}/l-1.jsonl"
+
+
+def _edits_corpus(root) -> str:
+    return write_jsonl(root / "e-0.jsonl", [
+        {"source": "one.jpg", "target": "one.jpg", "instruction": "make it blue"},
+        {"source": "one.jpg", "target": "nope.jpg", "instruction": "x"},
+        {"source": "../secret.jpg", "target": "one.jpg", "instruction": "y"},
+        {"source": "one.jpg", "target": "one.jpg", "instruction": 7}])
+
+
+def _videos_corpus(root) -> str:
+    from emu2_jax.data import video  # the `video` extra
+
+    def clip(n):
+        return video.encode_clip([np.full((16, 16, 3), 10 * i, np.uint8) for i in range(n)])
+    write_tar(root / "v-0.tar", [("a.000.jpg", GOOD), ("a.001.jpg", GOOD), ("a.txt", b"frames"),
+                                 ("b.mp4", clip(20)), ("b.txt", b"clip"), ("c.txt", b"no frames")])
+    write_tar(root / "v-1.tar", [("d.mp4", clip(3)), ("d.txt", b"too short"),
+                                 ("e.mp4", b"not a video"), ("e.txt", b"unreadable")])
+    return str(root / "v-{0..1}.tar")
+
+
+# kind, format, corpus, records kept, output shards (input files keeping a record), skips: every
+# bad-record kind of test_sources.py and test_ingest_faults.py
+CORPORA = {
+    "pairs": ("pairs", "webdataset", _pairs_corpus, 7, 3, {"bad_record": 4}),
+    "mmc4": ("interleaved", "mmc4", _mmc4_corpus, 4, 2, {
+        "missing_file": 2, "no_images": 1, "bad_record": 3, "bad_text": 1, "unsafe_path": 2}),
+    "grit": ("grounded", "grit", _grit_corpus, 2, 2, {"bad_record": 3}),
+    "text": ("text", "jsonl", _text_corpus, 2, 2, {"bad_record": 3, "bad_text": 1}),
+    "llava": ("chat", "llava", _llava_corpus, 3, 2, {"missing_file": 1, "bad_record": 1,
+                                                  "unsafe_path": 2}),
+    "edits": ("edits", "jsonl", _edits_corpus, 1, 1, {"missing_file": 1, "unsafe_path": 1,
+                                                   "bad_record": 1}),
+    "videos": ("videos", "webdataset", _videos_corpus, 2, 1, {"bad_record": 1, "too_short": 1,
+                                                           "bad_video": 1}),
+}
 
 
 def _records(prepared) -> list[str]:
@@ -70,32 +140,30 @@ def _beam_config() -> tfds.download.DownloadConfig:
     return tfds.download.DownloadConfig(beam_runner=runner, beam_options=options)
 
 
-def test_beam_and_single_process_give_the_same_examples_and_skips(tmp_path, caplog):
+@pytest.mark.parametrize("corpus", sorted(CORPORA))
+def test_beam_and_single_process_give_the_same_examples_and_skips(tmp_path, caplog, corpus):
     pytest.importorskip("apache_beam")
-    pairs = _pairs_corpus(tmp_path)
-    mmc4, images = _mmc4_corpus(tmp_path)
-    for kind, fmt, paths, skips in [
-            ("pairs", "webdataset", pairs, {"bad_record": 4}),
-            ("interleaved", "mmc4", mmc4, {"missing_file": 2, "no_images": 1, "bad_record": 3,
-                                           "bad_text": 1, "unsafe_path": 2})]:
-        single = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
-                                    data_dir=str(tmp_path / "single"))
-        with caplog.at_level(logging.INFO, logger=ingest.__name__):
-            caplog.clear()
-            beam = src.prepare_source(kind, fmt, paths=paths, image_dir=f"file://{images}",
-                                      data_dir=str(tmp_path / "beam"), download_config=_beam_config())
-        assert _records(beam) == _records(single) and len(_records(single)) == {"pairs": 7, "interleaved": 4}[kind]
-        assert beam.ingest_skips == single.ingest_skips == skips
-        # logging keeps a lone dict argument as the args themselves
-        (counters,) = [r.args for r in caplog.records if r.msg.startswith("beam counters")]
-        assert counters == {f"{kind}/{reason}": n for reason, n in skips.items()} | {
-            f"{kind}/records": len(_records(single))}
-        # one output shard per input file; the skips in the dataset's metadata either way
-        for prepared in (single, beam):
-            names = os.listdir(prepared.data_dir)
-            assert sum(".array_record-" in n for n in names) == (3 if kind == "pairs" else 2)
-            with open(os.path.join(prepared.data_dir, "metadata.json")) as f:
-                assert json.load(f) == {"ingest_skips": skips}
+    if corpus == "videos":
+        pytest.importorskip("av")
+    kind, fmt, make, count, shards, skips = CORPORA[corpus]
+    images = _images(tmp_path)
+    paths = make(tmp_path)
+    single = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
+                                data_dir=str(tmp_path / "single"))
+    with caplog.at_level(logging.INFO, logger=ingest.__name__):
+        beam = src.prepare_source(kind, fmt, paths=paths, image_dir=f"file://{images}",
+                                  data_dir=str(tmp_path / "beam"), download_config=_beam_config())
+    assert _records(beam) == _records(single) and len(_records(single)) == count
+    assert beam.ingest_skips == single.ingest_skips == skips
+    # logging keeps a lone dict argument as the args themselves
+    (counters,) = [r.args for r in caplog.records if r.msg.startswith("beam counters")]
+    assert counters == {f"{kind}/{reason}": n for reason, n in skips.items()} | {
+        f"{kind}/records": count}
+    # one output shard per input file that kept records; the skips in the metadata either way
+    for prepared in (single, beam):
+        assert sum(".array_record-" in n for n in os.listdir(prepared.data_dir)) == shards
+        with open(os.path.join(prepared.data_dir, "metadata.json")) as f:
+            assert json.load(f) == {"ingest_skips": skips}
 
 
 def test_failed_run_resumes_at_the_files_it_had_not_finished(tmp_path, monkeypatch):
