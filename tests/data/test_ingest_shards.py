@@ -1,6 +1,6 @@
 """Ingestion shard by shard: Beam and this process give the same examples and skips, a failed run
 resumes at the input files it had not finished, `python -m emu2_jax.data.prepare` as users run it,
-local and file:// paths."""
+local, file:// and gs:// (etils mock backend) paths."""
 import json
 import logging
 import os
@@ -239,3 +239,29 @@ def test_prepare_command_on_beam_with_worker_processes(tmp_path):
     assert lines[-1] == 'ingest_skips={"bad_record": 4}'
     done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}", "--num_workers=2")
     assert "prepare: --num_workers and --beam_option need a Beam --runner" in done.stderr
+
+
+def test_remote_input_files_through_epath(tmp_path):
+    """gs:// inputs, with etils' mock backend serving gs://bucket/ from a local folder."""
+    from etils.epath import testing as epath_testing
+    pattern = _pairs_corpus(tmp_path)
+    local = src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / "a"))
+    bucket, root = "gs://bucket/", f"{tmp_path}/"
+    seen: set[str] = set()
+
+    def to_local(fn, path, *args):
+        seen.add(os.fspath(path))
+        return fn(os.fspath(path).replace(bucket, root), *args)
+
+    def glob(fn, pattern):
+        return [p.replace(root, bucket) for p in to_local(fn, pattern)]
+    with epath_testing.mock_epath(open=to_local, exists=to_local, isdir=to_local, stat=to_local,
+                                  glob=glob):
+        remote = src.prepare_source("pairs", "webdataset", paths=f"{bucket}p-{{0..2}}.tar",
+                                    data_dir=str(tmp_path / "b"))
+        globbed = src.prepare_source("pairs", "webdataset", paths=f"{bucket}p-*.tar",
+                                     data_dir=str(tmp_path / "b"))
+    assert _records(remote) == _records(local) and remote.ingest_skips == {"bad_record": 4}
+    assert globbed.data_dir == remote.data_dir  # the same files: the same cache entry
+    assert {f"{bucket}p-{i}.tar" for i in range(3)} <= seen  # read through epath, as gs:// paths
+    assert remote.description == f"{bucket}p-0.tar, {bucket}p-1.tar, {bucket}p-2.tar"
