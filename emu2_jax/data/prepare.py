@@ -20,7 +20,8 @@ from emu2_jax.data import sources as src
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kind", None, src.KINDS, "record kind of the source")
-flags.DEFINE_string("format", None, "its on-disk format (per kind: sources.FORMATS)")
+flags.DEFINE_string("format", None, "its on-disk format; per kind: " + "; ".join(
+    f"{kind}: {'|'.join(formats)}" for kind, formats in src.FORMATS.items()))
 flags.DEFINE_string("paths", "", "input files: globs, {000..009} ranges, folders, comma lists; "
                     "local, file:// or gs://")
 flags.DEFINE_string("image_dir", "", "mmc4 / llava / edits / storyboard: where named images are")
