@@ -42,7 +42,10 @@ def read_video_bytes(data: bytes, num_frames: int, stride: int = 1) -> list[np.n
     try:
         # Counting packets only demuxes (no decoding); webm headers often give no frame count.
         with av.open(io.BytesIO(data)) as container:
-            total = sum(1 for packet in container.demux(video=0) if packet.size)
+            stream = container.streams.video[0]
+            if stream.width * stream.height > im.MAX_PIXELS:  # as for images: refuse, not allocate
+                raise SkipExample("bad_video", f"{stream.width}x{stream.height} is too large")
+            total = sum(1 for packet in container.demux(stream) if packet.size)
         if not total:  # e.g. an mp4 cut before its frames' index
             raise SkipExample("bad_video", "no video frames")
         strided = range(0, total, stride)

@@ -42,7 +42,7 @@ def test_uniform_sampling_with_stride(container):
     assert _levels(video.read_video_bytes(data, 10)) == list(range(10))
 
 
-def test_unreadable_and_short_clips_are_skips():
+def test_unreadable_short_and_huge_clips_are_skips(monkeypatch):
     data = _clip(6)
     with pytest.raises(SkipExample, match="too_short: 6 frames, stride 2, want 4"):
         video.read_video_bytes(data, 4, stride=2)
@@ -54,6 +54,9 @@ def test_unreadable_and_short_clips_are_skips():
         video.read_video_bytes(GOOD, 2)
     with pytest.raises(ValueError, match="num_frames >= 1"):
         video.read_video_bytes(data, 0)
+    monkeypatch.setattr(im, "MAX_PIXELS", 24 * 32 - 1)
+    with pytest.raises(SkipExample, match="bad_video: 32x24 is too large"):
+        video.read_video_bytes(data, 2)
 
 
 def test_webvid_shards(tmp_path):
