@@ -32,8 +32,9 @@ def _pyav():
 def read_video_bytes(data: bytes, num_frames: int, stride: int = 1) -> list[np.ndarray]:
     """`num_frames` uint8 [H, W, 3] RGB frames of an encoded clip, in order (see the module doc).
 
-    Raises SkipExample('bad_video') for bytes PyAV cannot demux or decode and
-    SkipExample('too_short') for a clip with fewer than `num_frames` frames after striding."""
+    Raises SkipExample('bad_video') for bytes PyAV cannot demux or decode (or frames over
+    `images.MAX_PIXELS`) and SkipExample('too_short') for a clip with fewer than `num_frames`
+    frames after striding."""
     if num_frames < 1 or stride < 1:
         raise ValueError(f"need num_frames >= 1 and stride >= 1 (got {num_frames}, {stride})")
     if not data:
