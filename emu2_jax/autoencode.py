@@ -1,74 +1,38 @@
 r"""Image -> Emu2 encoder -> visual decoder -> image, with a trained `decoder`-stage checkpoint;
-clip -> Emu2 encoder -> video decoder -> animated GIF, with a `video_decoder`-stage checkpoint.
+clip -> Emu2 encoder -> video decoder -> GIF / MP4, with a `video_decoder`-stage checkpoint.
 
     python -m emu2_jax.autoencode --checkpoint=/tmp/decoder --image=in.png --out=out.png \
         [--steps=50 --guidance=3.0 --seed=0]
-    python -m emu2_jax.autoencode --checkpoint=/tmp/video --video=frames_dir_or.gif --out=out.gif
+    python -m emu2_jax.autoencode --checkpoint=/tmp/video --video=clip.gif|clip.mp4|frames_dir --out=out.mp4
 
-A clip (`--video`: an animated GIF or a folder of frame images in name order) is sampled uniformly to
+A clip (`--video`: an animated GIF, a video file or a folder of frame images in name order) is sampled uniformly to
 the checkpoint's `data.video_frames` frames, each centre-cropped square; the frames' pooled embeddings
 condition Euler v-prediction sampling of all frames at once with classifier-free guidance against the
-zero-clip encoding, the VAE decodes each frame and the GIF is written (MP4 is not written: no
-well-kept encoder package is installed here).
+zero-clip encoding, the VAE decodes each frame and the clip is written: an animated GIF, or H.264
+MP4 / VP9 WebM by `--out`'s suffix (those need PyAV: `pip install -e ".[video]"`).
 
-`--checkpoint` is a decoder-stage training workdir, its `checkpoints/` folder or one step's folder
-in it (the latest step is used for the first two), or an Emu2-Gen checkpoint converted by
-`python -m emu2_jax.convert` (its own model config is used). The image is resized (squash) and normalised for
-the encoder; its pooled embeddings condition Euler sampling with classifier-free guidance against
-the zero-image encoding (docs/model.md#image-generation, #visual-decoder); the VAE decodes the latents and the
-PNG is written at the decoder's resolution.
+`--checkpoint` is a (video) decoder-stage training workdir, its `checkpoints/` folder or one step's
+folder in it (the latest step is used for the first two), or, for images, an Emu2-Gen checkpoint
+converted by `python -m emu2_jax.convert` (its own model config is used). The image is resized
+(squash) and normalised for the encoder; its pooled embeddings condition Euler sampling with
+classifier-free guidance against the zero-image encoding (docs/model.md#image-generation,
+#visual-decoder); the VAE decodes the latents and the PNG is written at the decoder's resolution.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from etils import epath
-from flax import linen as nn
 from PIL import Image
 
-from emu2_jax import checkpointing, cli, tasks, video_io
+from emu2_jax import cli, video_io
 from emu2_jax.data import images as image_lib
 from emu2_jax.inference import checkpoints
 from emu2_jax.models import video_decoder, visual_decoder
-
-
-def find_checkpoint(path: str) -> epath.Path:
-    """The step folder (holding state/ and config/) named by `path`; SystemExit naming what is missing."""
-    p = epath.Path(path).absolute()
-    if not p.exists():
-        raise SystemExit(f"--checkpoint={path}: no such file or directory")
-    if (p / "state").is_dir() and (p / "config").is_dir():
-        return p
-    manager_dir = p / checkpointing.CHECKPOINTS if (p / checkpointing.CHECKPOINTS).is_dir() else p
-    steps = [int(s.name) for s in manager_dir.iterdir()
-             if s.name.isdigit() and (s / "state").is_dir() and (s / "config").is_dir()]
-    if not steps:
-        raise SystemExit(f"--checkpoint={path}: no training checkpoint (checkpoints/<step>/ with state/ and "
-                         f"config/) found; train one with python -m emu2_jax.train --config=configs/decoder.py")
-    return manager_dir / str(max(steps))
-
-
-def load_decoder(step_dir: epath.Path, stage: str = "decoder") -> tuple[ml_collections.ConfigDict, Any, Any]:
-    """(run config, model, params) of a `stage` (decoder | video_decoder) checkpoint step folder."""
-    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "config.json").read_text()))
-    if config.get("stage") != stage:
-        raise SystemExit(f"{step_dir} is a checkpoint of stage {config.get('stage')!r}, not of the "
-                         f"{stage.replace('_', ' ')} (configs/{stage}.py)")
-    task = tasks.create(config)
-    abstract = nn.unbox(jax.eval_shape(task.model.init, jax.random.key(0), task.dummy_batch(1)))["params"]
-    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
-                                            jax.sharding.PartitionSpec())
-    item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)}
-    restored = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    return config, task.model, restored["params"]
 
 
 def read_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -100,59 +64,58 @@ def check_arguments(out: str, steps: int, kind: str = "PNG") -> None:
         raise SystemExit(f"--steps={steps}: must be >= 1")
     if epath.Path(out).is_dir():
         raise SystemExit(f"--out={out}: is a directory; name the {kind} file to write")
+    if kind != "PNG":
+        try:
+            video_io.check_writable(out, "--out")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
 
 
 def autoencode(checkpoint: str, image: str, out: str, *, steps: int = 50, guidance: float = 3.0,
                seed: int = 0) -> dict[str, Any]:
     """Writes the reconstruction of `image` to `out` (PNG); returns what was done (for printing)."""
     check_arguments(out, steps)
-    converted = checkpoints.load_converted_decoder(epath.Path(checkpoint).absolute())
-    if converted is None:
-        step_dir = find_checkpoint(checkpoint)
-        config, model, params = load_decoder(step_dir)
-        source = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage}
-    else:
-        model, params = converted.model, converted.params
-        source = {"checkpoint": checkpoint, "step": None, "stage": "converted"}
+    decoder = checkpoints.load_decoder(checkpoint, "--checkpoint")
+    model = decoder.model
     pixels, original = read_image(image, model.config.vision.image_size)
-    logging.info("Checkpoint %s (step %s); encoder %d px, %d tokens; decoder %d px; %d Euler steps, guidance %.2f",
-                 source["checkpoint"], source["step"], model.config.vision.image_size, model.config.n_query,
-                 model.config.decoder_image_size, steps, guidance)
+    logging.info("Checkpoint %s; encoder %d px, %d tokens; decoder %d px; %d Euler steps, guidance %.2f",
+                 checkpoint, model.config.vision.image_size, model.config.n_query, model.config.decoder_image_size,
+                 steps, guidance)
     started = time.perf_counter()
-    decoded = visual_decoder.sample_images(model, params, jax.numpy.asarray(pixels), jax.random.key(seed),
+    decoded = visual_decoder.sample_images(model, decoder.params, jax.numpy.asarray(pixels), jax.random.key(seed),
                                            num_steps=steps, guidance_scale=guidance, original_size=original)
     result = visual_decoder.to_uint8(jax.device_get(decoded))[0]
     epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result).save(out, format="PNG")
-    info = {**source, "out": out, "size": result.shape[:2], "seconds": time.perf_counter() - started}
+    info = {"checkpoint": checkpoint, "out": out, "size": result.shape[:2], "seconds": time.perf_counter() - started}
     logging.info("Wrote %s (%dx%d) in %.1fs.", out, result.shape[1], result.shape[0], info["seconds"])
     return info
 
 
+def write_clip(out: str, clip: np.ndarray, fps: float) -> None:
+    """uint8 frames [F, H, W, 3] as the GIF / MP4 / WebM `out`, its folder created."""
+    epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
+    video_io.write_video(out, clip, fps=fps)
+    logging.info("Wrote %s (%d frames, %dx%d).", out, clip.shape[0], clip.shape[2], clip.shape[1])
+
+
 def autoencode_video(checkpoint: str, video: str, out: str, *, steps: int = 50, guidance: float = 3.0,
                      seed: int = 0) -> dict[str, Any]:
-    """Writes the rendering of clip `video` from its own encoding to `out` (animated GIF)."""
-    check_arguments(out, steps, "GIF")
-    if not out.lower().endswith(".gif"):
-        raise SystemExit(f"--out={out}: a clip is written as an animated GIF; name a .gif file")
-    step_dir = find_checkpoint(checkpoint)
-    config, model, params = load_decoder(step_dir, "video_decoder")
-    cfg = model.config
+    """Writes the rendering of clip `video` from its own encoding to `out` (GIF, MP4 or WebM)."""
+    check_arguments(out, steps, "video")
+    decoder = checkpoints.load_video_decoder(checkpoint, "--checkpoint")
+    cfg = decoder.model.config
     frames = read_clip(video, cfg.num_frames, cfg.vision.image_size)
-    logging.info("Checkpoint %s (step %s); %d frames, encoder %d px, %d tokens per frame; decoder %d px; "
-                 "%d Euler steps, guidance %.2f", step_dir, step_dir.name, cfg.num_frames, cfg.vision.image_size,
+    logging.info("Checkpoint %s; %d frames, encoder %d px, %d tokens per frame; decoder %d px; "
+                 "%d Euler steps, guidance %.2f", checkpoint, cfg.num_frames, cfg.vision.image_size,
                  cfg.v_query, cfg.decoder_image_size, steps, guidance)
     started = time.perf_counter()
-    decoded = video_decoder.sample_video(model, params, jax.numpy.asarray(frames), jax.random.key(seed),
-                                         num_steps=steps, guidance_scale=guidance)
+    decoded = video_decoder.sample_video(decoder.model, decoder.params, jax.random.key(seed),
+                                         frames=jax.numpy.asarray(frames), num_steps=steps, guidance_scale=guidance)
     clip = video_io.to_uint8(jax.device_get(decoded))[0]
-    epath.Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
-    video_io.write_gif(out, clip, fps=float(config.video_decoder.sample_fps))
-    info = {"checkpoint": str(step_dir), "step": int(step_dir.name), "stage": config.stage, "out": out,
-            "frames": clip.shape[0], "size": clip.shape[1:3], "seconds": time.perf_counter() - started}
-    logging.info("Wrote %s (%d frames, %dx%d) in %.1fs.", out, clip.shape[0], clip.shape[2], clip.shape[1],
-                 info["seconds"])
-    return info
+    write_clip(out, clip, float(decoder.run_config.video_decoder.sample_fps))
+    return {"checkpoint": checkpoint, "out": out, "frames": clip.shape[0], "size": clip.shape[1:3],
+            "seconds": time.perf_counter() - started}
 
 
 def main(argv) -> None:
@@ -171,8 +134,8 @@ def main(argv) -> None:
 if __name__ == "__main__":  # flags only for the command, so the module imports next to others' flags
     flags.DEFINE_string("checkpoint", None, "Decoder-stage workdir, its checkpoints/ folder or a step folder.")
     flags.DEFINE_string("image", None, "Input image (any format PIL reads).")
-    flags.DEFINE_string("video", None, "Input clip: an animated GIF or a folder of frame images.")
-    flags.DEFINE_string("out", None, "Output path: PNG for --image, GIF for --video.")
+    flags.DEFINE_string("video", None, "Input clip: an animated GIF, a video file (PyAV) or a folder of frame images.")
+    flags.DEFINE_string("out", None, "Output path: PNG for --image; .gif, .mp4 or .webm for --video.")
     flags.DEFINE_integer("steps", 50, "Euler sampling steps.")
     flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
     flags.DEFINE_integer("seed", 0, "Seed of the initial latents.")

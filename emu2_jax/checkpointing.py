@@ -270,7 +270,7 @@ def _fsdp_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> jax.shard
 
 def _model_config(path: epath.Path, directory: epath.Path, prefix: tuple[str, ...]) -> dict[str, Any]:
     """{"emu2": Emu2Config, "unet": UNetConfig, "vae": VAEConfig} (those present) of a converted
-    checkpoint, or {"emu2" | "decoder": config} of a training run (from its saved run config)."""
+    checkpoint, or {"emu2" | "decoder" | "video_decoder": config} of a training run (its saved run config)."""
     from emu2_jax.convert.stream import CONFIG_FILE
 
     if (path / CONFIG_FILE).is_file():
@@ -287,12 +287,12 @@ def _model_config(path: epath.Path, directory: epath.Path, prefix: tuple[str, ..
         run_file = directory.parent / "config" / "config.json"
         if not run_file.is_file():
             raise ValueError(f"{path}: training checkpoint without its run config ({run_file})")
-        from emu2_jax.tasks import decoder, llm
+        from emu2_jax.tasks import decoder, llm, video_decoder
 
         run = ml_collections.ConfigDict(json.loads(run_file.read_text()))
-        if run.get("task", "llm") == "decoder":
-            return {"decoder": decoder.model_config(run)}
-        return {"emu2": llm.model_config(run)}
+        build = {"decoder": decoder.model_config, "video_decoder": video_decoder.model_config}
+        task = run.get("task", "llm")
+        return {task: build[task](run)} if task in build else {"emu2": llm.model_config(run)}
     raise ValueError(f"{path}: neither a converted checkpoint (no {CONFIG_FILE}) nor a training run")
 
 
@@ -309,9 +309,10 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None) -> tuple[d
     `init_from` directory or a training workdir (its latest step), all in one call.
 
     The model config is a dict: {"emu2": Emu2Config, "unet": UNetConfig, "vae": VAEConfig} with the
-    parts present (a training run: {"emu2"} or {"decoder": DecoderModelConfig}). Without `mesh` the
-    params land on the first device; with one, each array is restored straight into shards over all
-    of the mesh's devices (split along its largest dimension they divide), never whole on one host.
+    parts present (a training run: {"emu2"}, {"decoder": DecoderModelConfig} or {"video_decoder":
+    VideoDecoderModelConfig}). Without `mesh` the params land on the first device; with one, each
+    array is restored straight into shards over all of the mesh's devices (split along its largest
+    dimension they divide), never whole on one host.
     """
     root = epath.Path(path).absolute()
     if not root.exists():

@@ -6,6 +6,8 @@ r"""Run a checkpoint: text from interleaved image-text prompts, or images throug
         --image=a.png --image=b.png --sample --temperature=0.7 --top_p=0.9 --seed=1
     python -m emu2_jax.generate --checkpoint=GEN --prompt="a red apple on a table" --output_image=apple.png \
         [--decoder_checkpoint=DIR --steps=50 --guidance=3.0 --negative_prompt="" --save_embeddings=x.npy]
+    python -m emu2_jax.generate --checkpoint=DIR --prompt="a dog running on a beach" --output_video=dog.mp4 \
+        --decoder_checkpoint=VIDEO_RUN [--steps=50 --guidance=3.0]
     python -m emu2_jax.generate --checkpoint=DIR --prompts_file=prompts.jsonl   # {"prompt", "images"} rows
 
 `--checkpoint` is a training workdir of an LLM stage (or its checkpoints/ folder or one step's
@@ -19,6 +21,11 @@ image's visual embeddings after `[IMG]`, the visual decoder (of `--decoder_check
 classifier-free guidance against the empty prompt's regression (or `--negative_prompt`'s). A
 prompt that is exactly one image is autoencoded (conditioned on the image's own encoding). Several
 prompts write `out_0.png`, `out_1.png`, ...; `--save_embeddings` writes the embeddings [B, n, Dv].
+With `--output_video` each prompt becomes a clip: the LLM regresses, after `[VIDEO]`, the
+`v_query` embeddings of each of the video decoder's frames (each frame laid out as in training,
+`[IMG]` + embeddings + `[/IMG]`), and the video decoder of `--decoder_checkpoint` (a
+`video_decoder`-stage run) renders them with guidance against its zero-clip condition, written as
+GIF, MP4 or WebM by the suffix (`out_0.gif`, ... for several prompts).
 Text decoding defaults to greedy; the release evaluates with `--num_beams=5 --length_penalty=-1`
 and chats with `--num_beams=5 --length_penalty=2` (docs/inference.md).
 """
@@ -34,11 +41,12 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
-from emu2_jax import cli
+from emu2_jax import cli, video_io
 from emu2_jax import sharding as sh
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.inference import checkpoints, images, prompts, text
+from emu2_jax.models import video_decoder
 
 
 def read_image(path: str, where: str) -> np.ndarray:
@@ -86,10 +94,20 @@ def check_arguments(f: flags.FlagValues) -> dict[str, Any]:
     options = cli.decoding_options(**{name: f[name].value for name in cli.DECODING_FLAGS})
     if f.steps < 1:
         raise SystemExit(f"--steps={f.steps}: must be >= 1")
-    for flag in ("output_image", "save_embeddings"):
+    for flag in ("output_image", "output_video", "save_embeddings"):
         value = f[flag].value
         if value and epath.Path(value).expanduser().is_dir():
             raise SystemExit(f"--{flag}={value}: is a directory; name the file to write")
+    if f.output_video:
+        if f.output_image:
+            raise SystemExit("give --output_image or --output_video, not both")
+        if not f.decoder_checkpoint:
+            raise SystemExit("--output_video needs --decoder_checkpoint: a video_decoder-stage run "
+                             "(configs/video_decoder.py)")
+        try:
+            video_io.check_writable(f.output_video, "--output_video")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     return options
 
 
@@ -132,6 +150,28 @@ def generate_images(loaded: checkpoints.LoadedLlm, rows: list[prompts.Row], raw:
     return np.stack(embeddings)
 
 
+def generate_videos(loaded: checkpoints.LoadedLlm, rows: list[prompts.Row], f: flags.FlagValues) -> np.ndarray:
+    """Writes one clip per prompt: the frame embeddings the LLM regresses after `[VIDEO]`, rendered by
+    the video decoder with guidance against its zero-clip condition; returns them [B, F, v_query, Dv]."""
+    decoder = checkpoints.load_video_decoder(f.decoder_checkpoint)
+    llm_cfg, dec_cfg = loaded.model.config, decoder.model.config
+    if (llm_cfg.v_query, llm_cfg.visual_embed_dim) != (dec_cfg.v_query, dec_cfg.vision.width):
+        raise SystemExit(f"--decoder_checkpoint={f.decoder_checkpoint}: the video decoder takes {dec_cfg.v_query} x "
+                         f"{dec_cfg.vision.width} embeddings per frame, the LLM regresses {llm_cfg.v_query} x "
+                         f"{llm_cfg.visual_embed_dim}")
+    batch = prompts.batch(rows, llm_cfg, loaded.tokenizer.pad_id)
+    embeddings = images.generate_video_embeddings(loaded.model, loaded.params, batch, dec_cfg.num_frames)
+    clips = video_decoder.sample_video(decoder.model, decoder.params, jax.random.key(f.seed),
+                                       features=jax.numpy.asarray(embeddings), num_steps=f.steps,
+                                       guidance_scale=f.guidance)
+    fps = float(decoder.run_config.video_decoder.sample_fps)
+    for path, clip in zip(output_paths(f.output_video, len(rows)), video_io.to_uint8(jax.device_get(clips))):
+        epath.Path(path).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        video_io.write_video(path, clip, fps=fps)
+        print(f"wrote {path} ({clip.shape[0]} frames, {clip.shape[2]}x{clip.shape[1]})", flush=True)
+    return embeddings
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -152,6 +192,8 @@ def main(argv) -> None:
     started = time.perf_counter()
     if f.output_image:
         embeddings = generate_images(loaded, rows, raw, f)
+    elif f.output_video:
+        embeddings = generate_videos(loaded, rows, f)
     else:
         batch = prompts.batch(rows, cfg, tok.pad_id)
         if f.save_embeddings:
@@ -182,7 +224,9 @@ if __name__ == "__main__":  # flags only for the command, so the module imports 
     cli.define_decoding_flags(max_new_tokens=64)  # the release evaluates with --num_beams=5 --length_penalty=-1
     flags.DEFINE_integer("seed", 0, "Seed of sampling and of the image latents.")
     flags.DEFINE_string("output_image", None, "Generate images instead of text; PNG path.")
-    flags.DEFINE_string("decoder_checkpoint", None, "Visual decoder (default --checkpoint).")
+    flags.DEFINE_string("output_video", None, "Generate clips instead of text; .gif, .mp4 or .webm path.")
+    flags.DEFINE_string("decoder_checkpoint", None, "Visual decoder (default --checkpoint); the video decoder's run "
+                        "for --output_video.")
     flags.DEFINE_integer("steps", 50, "Euler sampling steps.")
     flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
     flags.DEFINE_string("negative_prompt", "", "Unconditional prompt of the guidance (default: empty).")

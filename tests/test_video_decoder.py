@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import video_decoder
+from configs import gen, video_decoder
 from emu2_jax import autoencode, metrics, tasks, train, video_io
 from emu2_jax.data import layout, records
 from emu2_jax.tasks import video_decoder as video_task
@@ -80,22 +80,6 @@ def test_train_step_trains_unet_and_projection_only():
                                                              jax.tree.leaves(initial[component]))), component
 
 
-def test_video_io_round_trip_and_errors(tmp_path):
-    clip = (np.random.default_rng(0).random((3, 8, 10, 3)) * 255).astype(np.uint8)
-    video_io.write_gif(tmp_path / "c.gif", clip)
-    back = video_io.read_video(tmp_path / "c.gif")
-    assert len(back) == 3 and back[0].shape == (8, 10, 3)
-    (tmp_path / "frames").mkdir()
-    for i, frame in enumerate(clip):
-        Image.fromarray(frame).save(tmp_path / "frames" / f"{i:03d}.png")
-    np.testing.assert_array_equal(np.stack(video_io.read_video(tmp_path / "frames")), clip)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no frame"):
-        video_io.read_video(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no such file"):
-        video_io.read_video(tmp_path / "missing.gif")
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A video-decoder workdir whose latest checkpoint (step 1) holds the tiny model's initial state."""
@@ -124,15 +108,36 @@ def test_autoencode_video_command(workdir, tmp_path):
     path, *_ = workdir
     clip = (np.random.default_rng(0).random((6, 40, 48, 3)) * 255).astype(np.uint8)
     source = tmp_path / "in.gif"
-    video_io.write_gif(source, clip)
-    out = tmp_path / "out" / "out.gif"
+    video_io.write_video(source, clip)
+    out = tmp_path / "out" / "out.mp4"
     done = cli.run([sys.executable, "-m", "emu2_jax.autoencode", f"--checkpoint={path}", f"--video={source}",
                     f"--out={out}", "--steps=2"], timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Wrote" in done.stderr and "(4 frames, 32x32)" in done.stderr
     frames = video_io.read_video(out)
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3) and np.stack(frames).std() > 0
-    with pytest.raises(SystemExit, match="name a .gif file"):
+    with pytest.raises(SystemExit, match=r"--out=.*o.png: a clip is written as .gif or .mp4 or .webm"):
         autoencode.autoencode_video(str(path), str(source), str(tmp_path / "o.png"))
     with pytest.raises(SystemExit, match="--video=.*no such file"):
         autoencode.autoencode_video(str(path), str(tmp_path / "nope.gif"), str(tmp_path / "o.gif"))
+
+
+def test_generate_video_command(workdir, tmp_path):
+    """`generate --output_video`: the tiny gen LLM regresses 4 frames after [VIDEO], the tiny video
+    decoder renders them; one clip per prompt, embeddings [B, F, v_query, Dv]."""
+    video_run, *_ = workdir
+    llm_run = cli.write_initial_checkpoint(tmp_path / "gen_run", gen.get_config("tiny"))
+    out = tmp_path / "clip.gif"
+    done = cli.run([sys.executable, "-m", "emu2_jax.generate", f"--checkpoint={llm_run}",
+                    f"--decoder_checkpoint={video_run}", "--prompt=a dog running", "--prompt=waves",
+                    f"--output_video={out}", "--steps=2", f"--save_embeddings={tmp_path / 'e.npy'}"], timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i in range(2):
+        frames = np.stack(video_io.read_video(tmp_path / f"clip_{i}.gif"))
+        assert frames.shape == (4, 32, 32, 3) and frames.std() > 0
+    embeddings = np.load(tmp_path / "e.npy")
+    llm_cfg = video_task.model_config(video_decoder.get_config("tiny"))
+    assert embeddings.shape == (2, 4, llm_cfg.v_query, llm_cfg.vision.width) and np.isfinite(embeddings).all()
+    refused = cli.run([sys.executable, "-m", "emu2_jax.generate", f"--checkpoint={llm_run}", "--prompt=x",
+                       f"--output_video={tmp_path / 'x.gif'}"])
+    assert refused.returncode != 0 and "--output_video needs --decoder_checkpoint" in refused.stderr

@@ -11,8 +11,9 @@ relative to (default: the folder holding `--data`). `read(task, data, images=, q
 - textvqa: `{"data": [{"question_id", "question", "image_id", "answers": [str]}]}`; image `{image_id}.jpg`.
 - gqa: `{question_id: {"imageId", "question", "answer"}}`; image `{imageId}.jpg`.
 - msvd_qa, msrvtt_qa: `[{"video" or "video_id", "question", "answer"}]` (optional `"question_id"` / `"id"`);
-  clip `{video}`, or for `video_id` the first of `video{id}`, `video{id}.gif`, `vid{id}`, `vid{id}.gif`
-  (MSRVTT / MSVD names): an animated GIF or a folder of frames (`emu2_jax.video_io.read_video`).
+  clip `{video}`, or for `video_id` the first of `video{id}` and `vid{id}`, bare or with .mp4, .avi, .gif
+  (MSRVTT / MSVD names): a video file (.mp4, .avi, ...; PyAV), an animated GIF or a folder of frames
+  (`emu2_jax.video_io.read_video`).
 - hateful_memes: jsonl `{"id", "img", "label", "text"}`; image `{img}` (`img/01235.png`: `--images` is
   the dataset folder, the default).
 - coco_caption: Karpathy's `dataset_coco.json` `{"images": [{"filepath", "filename", "split",
@@ -163,7 +164,8 @@ def _video(root: str, row: dict, where: str) -> str:
     if isinstance(row, dict) and "video" in row:
         return _inside(root, row["video"], where)
     vid = _get(row, "video_id", where)
-    names = [f"{prefix}{vid}{suffix}" for prefix in ("video", "vid") for suffix in ("", ".gif")]
+    names = [f"{prefix}{vid}{suffix}" for prefix in ("video", "vid")
+             for suffix in ("", ".mp4", ".avi", ".gif")]
     found = next((n for n in names if os.path.exists(os.path.join(root, n))), None)
     if found is None:
         raise ValueError(f"{where}: none of {', '.join(names)} in --images={os.path.abspath(root)}")

@@ -5,7 +5,8 @@
   the tokenizer;
 - an `init_from` directory: a checkpoint converted by `python -m emu2_jax.convert` (its
   `emu2_jax_model.json` gives the model) or saved with `checkpointing.save_params`;
-- for the visual decoder, a `decoder`-stage workdir or a converted Emu2-Gen (encoder, UNet, VAE).
+- for the visual decoder, a `decoder`-stage workdir or a converted Emu2-Gen (encoder, UNet, VAE);
+  for the video decoder, a `video_decoder`-stage workdir.
 
 Errors are one line naming the `--checkpoint` (or `--tokenizer`) and what is wrong, raised before
 any weights are read.
@@ -26,7 +27,7 @@ from emu2_jax import sharding as sh
 from emu2_jax.convert.stream import CONFIG_FILE
 from emu2_jax.data import layout
 from emu2_jax.data import tokenizer as tokenizer_lib
-from emu2_jax.models import emu2, llama, visual_decoder
+from emu2_jax.models import emu2, llama, video_decoder, visual_decoder
 
 PyTree = Any
 
@@ -44,6 +45,14 @@ class LoadedLlm:
 class LoadedDecoder:
     model: visual_decoder.VisualDecoderModel
     params: PyTree
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedVideoDecoder:
+    model: video_decoder.VideoDecoderModel
+    params: PyTree
+    run_config: ml_collections.ConfigDict   # sample_fps and the clip length come from it
     path: str
 
 
@@ -141,17 +150,31 @@ def load_converted_decoder(root: epath.Path) -> LoadedDecoder | None:
                          str(root))
 
 
-def load_decoder(path: str) -> LoadedDecoder:
+def _stage_run(path: str, stage: str, flag: str) -> epath.Path:
+    """The checkpoint root of a `stage` training run; SystemExit naming `flag` otherwise."""
+    root = _existing(path, flag)
+    config = run_config(path)
+    if config is None or config.get("stage") != stage:
+        found = config.get("stage") if config else None
+        what = "the visual decoder's (configs/decoder.py) or a converted Emu2-Gen" if stage == "decoder" else \
+            f"the {stage.replace('_', ' ')}'s (configs/{stage}.py)"
+        raise SystemExit(f"{flag}={path}: " + (f"a {found!r} checkpoint, not {what}" if found else
+                                                f"no training checkpoint (checkpoints/<step>/) of {what}"))
+    return root
+
+
+def load_decoder(path: str, flag: str = "--decoder_checkpoint") -> LoadedDecoder:
     """The visual decoder of a `decoder`-stage training run or of a converted Emu2-Gen."""
-    root = _existing(path)
-    converted = load_converted_decoder(root)
+    converted = load_converted_decoder(_existing(path, flag))
     if converted is not None:
         return converted
-    config = run_config(path)
-    if config is None or config.get("stage") != "decoder":
-        stage = config.get("stage") if config else None
-        raise SystemExit(f"--decoder_checkpoint={path}: " + (f"a {stage!r} checkpoint, not the visual decoder's "
-                         "(configs/decoder.py)" if stage else "neither a decoder-stage run nor a converted "
-                         "Emu2-Gen"))
+    model_config, params = checkpointing.load_pretrained(str(_stage_run(path, "decoder", flag)))
+    return LoadedDecoder(visual_decoder.VisualDecoderModel(model_config["decoder"]), params, str(path))
+
+
+def load_video_decoder(path: str, flag: str = "--decoder_checkpoint") -> LoadedVideoDecoder:
+    """The video decoder of a `video_decoder`-stage training run and its run config."""
+    root = _stage_run(path, "video_decoder", flag)
     model_config, params = checkpointing.load_pretrained(str(root))
-    return LoadedDecoder(visual_decoder.VisualDecoderModel(model_config["decoder"]), params, str(root))
+    return LoadedVideoDecoder(video_decoder.VideoDecoderModel(model_config["video_decoder"]), params,
+                              run_config(path), str(path))

@@ -30,47 +30,95 @@ from emu2_jax.models.emu2 import Emu2Config, Emu2Model
 PyTree = Any
 
 
-def append_boi(config: Emu2Config, prompt: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The prompt with one more column: `[IMG]` at each row's next position."""
+def append_token(prompt: Mapping[str, Any], token_id: int) -> dict[str, np.ndarray]:
+    """The prompt with one more column: `token_id` at each row's next position."""
     tokens, positions = np.asarray(prompt["tokens"]), np.asarray(prompt["positions"])
     column = lambda x: np.concatenate([np.asarray(x[0]), np.asarray(x[1])], axis=1).astype(np.int32)
-    return {**prompt, "tokens": column((tokens, np.full((len(tokens), 1), config.boi_token_id))),
+    return {**prompt, "tokens": column((tokens, np.full((len(tokens), 1), token_id))),
             "positions": column((positions, positions.max(axis=1, keepdims=True) + 1)),
             "segment_ids": column((prompt["segment_ids"], np.ones((len(tokens), 1))))}
 
 
-def regress_embeddings(model: Emu2Model, params: PyTree, state: text.Decoding) -> jax.Array:
-    """From the state after `[IMG]`: the n_query regressed embeddings [B, n, Dv] (traced)."""
+def append_boi(config: Emu2Config, prompt: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The prompt with `[IMG]` at each row's next position."""
+    return append_token(prompt, config.boi_token_id)
+
+
+def feed_visual(model: Emu2Model, params: PyTree, state: text.Decoding, visual: jax.Array) -> text.Decoding:
+    """Appends one regressed embedding per row [B, Dv] (through `project_up`) at the next position."""
+    embeds = model.apply({"params": params}, visual[:, None], method=Emu2Model.project_visual)
+    positions = state.next_position[:, None]
+    return text.extend(model, params, state.cache, embeds, positions, jnp.ones_like(positions))
+
+
+def regress_embeddings(model: Emu2Model, params: PyTree, state: text.Decoding, count: int
+                       ) -> tuple[text.Decoding, jax.Array]:
+    """From the state after `[IMG]`: `count` regressed embeddings [B, count, Dv] (traced), and the
+    state after all but the last went back in."""
     def step(state, _):
-        embeds = model.apply({"params": params}, state.visual[:, None], method=Emu2Model.project_visual)
-        positions = state.next_position[:, None]
-        following = text.extend(model, params, state.cache, embeds, positions, jnp.ones_like(positions))
+        following = feed_visual(model, params, state, state.visual)
         return following, following.visual
 
-    _, rest = jax.lax.scan(step, state, None, length=model.config.n_query - 1)
-    return jnp.concatenate([state.visual[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
+    state_after, rest = jax.lax.scan(step, state, None, length=count - 1)
+    return state_after, jnp.concatenate([state.visual[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
+
+
+def regress_clip(model: Emu2Model, params: PyTree, state: text.Decoding, num_frames: int) -> jax.Array:
+    """From the state after `[VIDEO]`: `num_frames` frames of `v_query` regressed embeddings each
+    [B, F, v_query, Dv], each frame in the training layout `[IMG]` + embeddings + `[/IMG]`."""
+    cfg = model.config
+    rows = state.next_position.shape[0]
+
+    def frame(state, _):
+        state = text.feed_tokens(model, params, state, jnp.full((rows,), cfg.boi_token_id, jnp.int32))
+        state, embeddings = regress_embeddings(model, params, state, cfg.v_query)
+        state = feed_visual(model, params, state, embeddings[:, -1])
+        state = text.feed_tokens(model, params, state, jnp.full((rows,), cfg.eoi_token_id, jnp.int32))
+        return state, embeddings
+
+    _, frames = jax.lax.scan(frame, state, None, length=num_frames)
+    return jnp.moveaxis(frames, 0, 1)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_regression(config: Emu2Config, slots: int, mesh: jax.sharding.Mesh | None, rules: sh.Rules):
+def _compiled_regression(config: Emu2Config, slots: int, num_frames: int | None, mesh: jax.sharding.Mesh | None,
+                         rules: sh.Rules):
     model = Emu2Model(config)
 
     def run(params, prompt):
         state = text.prefill(model, params, text.init_cache(model, prompt["tokens"].shape[0], slots), prompt)
-        return regress_embeddings(model, params, state)
+        if num_frames is None:
+            return regress_embeddings(model, params, state, config.n_query)[1]
+        return regress_clip(model, params, state, num_frames)
 
     return jax.jit(sh.with_logical_rules(run, mesh, rules) if mesh is not None else run)
+
+
+def _regress(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], new_positions: int,
+             num_frames: int | None, bucket: int, mesh: jax.sharding.Mesh | None, rules: sh.Rules) -> np.ndarray:
+    length = text.bucket_length(prompt["tokens"].shape[1], bucket)
+    text.check_fits(model.config, length, new_positions)
+    fn = _compiled_regression(model.config, length + new_positions, num_frames, mesh, rules)
+    return np.asarray(jax.device_get(fn(params, text.pad_prompt(prompt, length))))
 
 
 def generate_image_embeddings(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], *,
                               bucket: int = text.BUCKET, mesh: jax.sharding.Mesh | None = None,
                               rules: sh.Rules = sh.LOGICAL_RULES) -> np.ndarray:
     """[B, n_query, Dv] float32 visual embeddings regressed after each (left-padded) prompt row."""
-    prompt = append_boi(model.config, prompt)
-    length = text.bucket_length(prompt["tokens"].shape[1], bucket)
-    text.check_fits(model.config, length, model.config.n_query)
-    fn = _compiled_regression(model.config, length + model.config.n_query, mesh, rules)
-    return np.asarray(jax.device_get(fn(params, text.pad_prompt(prompt, length))))
+    return _regress(model, params, append_boi(model.config, prompt), model.config.n_query, None, bucket, mesh,
+                    rules)
+
+
+def generate_video_embeddings(model: Emu2Model, params: PyTree, prompt: Mapping[str, Any], num_frames: int, *,
+                              bucket: int = text.BUCKET, mesh: jax.sharding.Mesh | None = None,
+                              rules: sh.Rules = sh.LOGICAL_RULES) -> np.ndarray:
+    """[B, num_frames, v_query, Dv] float32 frame embeddings regressed after each prompt row + `[VIDEO]`."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames}: must be >= 1")
+    new_positions = num_frames * (model.config.v_query + 2)  # [IMG] + embeddings + [/IMG] per frame
+    return _regress(model, params, append_token(prompt, model.config.video_token_id), new_positions, num_frames,
+                    bucket, mesh, rules)
 
 
 @dataclasses.dataclass

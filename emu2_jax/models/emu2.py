@@ -51,6 +51,16 @@ class Emu2Config:
         return self.image_token_id - 2
 
     @property
+    def eoi_token_id(self) -> int:
+        """`[/IMG]`."""
+        return self.image_token_id - 1
+
+    @property
+    def video_token_id(self) -> int:
+        """`[VIDEO]`: after <image> come [gIMG], [/gIMG], [EOC], [VIDEO]."""
+        return self.image_token_id + 4
+
+    @property
     def visual_embed_dim(self) -> int:
         """Width of the regressed visual embeddings (the connector's output before project_up)."""
         if self.connector == "causal_transformer":

@@ -136,32 +136,34 @@ class VideoDecoderModel(nn.Module):
         return self.predict(latents, jnp.zeros((b,), jnp.int32), context)
 
 
-def unconditional_features(model: VideoDecoderModel, params: PyTree, frames_shape: tuple[int, ...]) -> jax.Array:
+def unconditional_features(model: VideoDecoderModel, params: PyTree) -> jax.Array:
     """The features of an all-zero clip [1, F, Q, Dv] (the CFG / condition-dropout null condition):
     one zero frame through the encoder, repeated (every frame's encoding is the same)."""
-    zero = jnp.zeros((1, 1, *frames_shape[2:]), jnp.float32)
+    cfg = model.config
+    zero = jnp.zeros((1, 1, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
     feats = model.apply({"params": params}, zero, method=VideoDecoderModel.condition)
-    return jnp.repeat(feats, frames_shape[1], axis=1)
+    return jnp.repeat(feats, cfg.num_frames, axis=1)
 
 
-def sample_video(model: VideoDecoderModel, params: PyTree, frames: jax.Array, rng: jax.Array, *,
-                 num_steps: int = 50, guidance_scale: float = 3.0,
-                 features: jax.Array | None = None) -> jax.Array:
-    """Clips from their own encoding: normalised encoder frames [B, F, S, S, 3] (or given `features`
-    [B, F, Q, Dv], e.g. regressed by the LLM) -> decoded frames [B, F, D, D, 3] in [0, 1]. Euler
+def sample_video(model: VideoDecoderModel, params: PyTree, rng: jax.Array, *, frames: jax.Array | None = None,
+                 features: jax.Array | None = None, num_steps: int = 50, guidance_scale: float = 3.0) -> jax.Array:
+    """Clips from normalised encoder frames [B, F, S, S, 3] (their own encoding) or from `features`
+    [B, F, Q, Dv] (e.g. regressed by the LLM) -> decoded frames [B, F, D, D, 3] in [0, 1]. Euler
     sampling of all frames at once, v-prediction, CFG against the zero-clip encoding."""
+    if (frames is None) == (features is None):
+        raise ValueError("sample_video takes frames or features, not both and not neither")
     variables = {"params": params}
     if features is None:
         features = model.apply(variables, frames, method=VideoDecoderModel.condition)
+    chex.assert_shape(features, (None, model.config.num_frames, model.config.v_query, model.config.vision.width))
     cond = model.apply(variables, features, method=VideoDecoderModel.project)
-    uncond = model.apply(variables, unconditional_features(model, params, frames.shape),
-                         method=VideoDecoderModel.project)
+    uncond = model.apply(variables, unconditional_features(model, params), method=VideoDecoderModel.project)
 
     def apply_fn(p, latents, timesteps, context, added):
         del added
         return model.apply({"params": p}, latents, timesteps, context, method=VideoDecoderModel.predict)
 
-    latents = diffusion.euler_sample(apply_fn, params, cond, uncond, (frames.shape[0], *model.config.latent_shape),
+    latents = diffusion.euler_sample(apply_fn, params, cond, uncond, (features.shape[0], *model.config.latent_shape),
                                      rng, num_steps=num_steps, guidance_scale=guidance_scale,
                                      config=diffusion.ScheduleConfig(prediction_type="v_prediction"))
     return model.apply(variables, latents, method=VideoDecoderModel.decode_latents)

@@ -80,7 +80,7 @@ class VideoDecoderTask:
         apply = self.model.apply
         frames = micro["frames"]
         features = jax.lax.stop_gradient(apply(variables, frames, method=VideoDecoderModel.condition))
-        uncond = jax.lax.stop_gradient(unconditional_features(self.model, params, frames.shape))
+        uncond = jax.lax.stop_gradient(unconditional_features(self.model, params))
         features, dropped = drop_condition(rng_drop, features, uncond, cfg.condition_dropout)
         context = apply(variables, features, method=VideoDecoderModel.project)
         latents = jax.lax.stop_gradient(
@@ -139,7 +139,7 @@ class VideoDecoderTask:
         out_dir = epath.Path(workdir) / "samples"
         cfg = self.config.video_decoder
         render = jax.jit(lambda p, frames, rng: sample_video(
-            self.model, p, frames, rng, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale))
+            self.model, p, rng, frames=frames, num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale))
 
         def sample(step: int, params: PyTree, writer: metrics.SummaryWriter | None) -> None:
             video = np.asarray(jax.device_get(render(params, jnp.asarray(clips), jax.random.key(step))))
@@ -148,7 +148,7 @@ class VideoDecoderTask:
             out_dir.mkdir(parents=True, exist_ok=True)
             frames = video_io.to_uint8(video)
             for i, clip in enumerate(frames):
-                video_io.write_gif(out_dir / f"video_{step:06d}_{i}.gif", clip, fps=cfg.sample_fps)
+                video_io.write_video(out_dir / f"video_{step:06d}_{i}.gif", clip, fps=cfg.sample_fps)
             if writer is not None:
                 writer.images(step, {f"samples/video_{i}": clip for i, clip in enumerate(frames)})
 

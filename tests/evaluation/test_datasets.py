@@ -78,8 +78,11 @@ def test_video_qa_by_name_and_by_id(tmp_path):
         ds.Example("5", "what is it?", video=gif, answers=("dog",))]
     msrvtt = _write(tmp_path / "msrvtt.json", [{"video_id": 7010, "question": "who sings?", "answer": "man", "id": 0}])
     assert ds.read("msrvtt_qa", msrvtt, images=str(tmp_path / "videos"))[0].video == folder
+    mp4 = _touch(tmp_path / "videos" / "video7011.mp4")  # MSRVTT's own file names
+    by_file = _write(tmp_path / "mp4.json", [{"video_id": 7011, "question": "who?", "answer": "man"}])
+    assert ds.read("msrvtt_qa", by_file, images=str(tmp_path / "videos"))[0].video == mp4
     lost = _write(tmp_path / "lost.json", [{"video_id": 9, "question": "q", "answer": "a"}])
-    with pytest.raises(ValueError, match="none of video9, video9.gif, vid9, vid9.gif in --images="):
+    with pytest.raises(ValueError, match="none of video9, video9.mp4, video9.avi, video9.gif, vid9, .* in --images="):
         ds.read("msrvtt_qa", lost, images=str(tmp_path / "videos"))
 
 

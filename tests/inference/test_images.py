@@ -6,29 +6,32 @@ import numpy as np
 from emu2_jax.inference import images, prompts
 
 
-def recompute_everything(model, params, prompt_row):
-    """The release's `generate_image`: for k = 0..n-1, run the LLM without a cache over prompt +
-    [IMG] + k <image> slots whose inputs are project_up of the predictions so far, and take
-    project_down of the last position."""
+def recompute_everything(model, params, prompt_row, layout):
+    """The release's `generate_image` loop, generalised: `layout` lists what follows the prompt, a
+    token id or None for a regressed embedding. For each None, run the LLM without a cache over the
+    prompt and everything laid out so far, regressed embeddings going in through project_up, and
+    take project_down of the last position."""
     cfg = model.config
-    ids = np.asarray(prompt_row["tokens"][0].tolist() + [cfg.boi_token_id])
-    preds = []
+    ids, slots, preds = list(prompt_row["tokens"][0].tolist()), [], []
 
-    def forward(ids, preds):
-        tokens = jnp.asarray(np.concatenate([ids, np.full(len(preds), cfg.image_token_id)]))[None]
+    def forward(ids, slots, preds):
         def run(m, tokens, preds):
             embeds, _ = m.embed_inputs(tokens, jnp.asarray(prompt_row["images"]),
                                        jnp.asarray(prompt_row["image_valid"]),
                                        jnp.asarray(prompt_row["image_is_frame"]))
-            if preds.shape[1]:
-                embeds = embeds.at[:, -preds.shape[1]:].set(m.project_visual(preds))
+            if slots:
+                embeds = embeds.at[:, jnp.asarray(slots)].set(m.project_visual(preds))
             hidden = m.llm(embeds, jnp.arange(tokens.shape[1])[None])
             return m.project_down(hidden[:, -1])
         stacked = np.asarray(preds, np.float32).reshape(1, len(preds), cfg.visual_embed_dim)
-        return model.apply({"params": params}, tokens, jnp.asarray(stacked), method=run)
+        return model.apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(stacked), method=run)
 
-    for _ in range(cfg.n_query):
-        preds.append(np.asarray(forward(ids, preds))[0])
+    for item in layout:
+        if item is None:
+            preds.append(np.asarray(forward(ids, slots, preds))[0])
+            slots.append(len(ids))
+            item = cfg.frame_token_id  # any id: its embedding is replaced
+        ids.append(item)
     return np.stack(preds)
 
 
@@ -42,9 +45,27 @@ def test_cached_regression_equals_recompute(tiny_emu2, photos):
     assert out.shape == (2, cfg.n_query, cfg.visual_embed_dim)
     for i, row in enumerate(rows):
         single = prompts.batch([row], cfg, tokenizer.pad_id, slots=1)
-        reference = recompute_everything(model, params, single)
+        reference = recompute_everything(model, params, single, [cfg.boi_token_id] + [None] * cfg.n_query)
         np.testing.assert_allclose(out[i], reference, atol=1e-4)
     assert np.abs(out[0] - out[1]).max() > 1e-3  # the prompt matters
+
+
+def test_cached_clip_regression_equals_recompute(tiny_emu2, photos):
+    model, params, tokenizer = tiny_emu2
+    cfg = model.config
+    rows = [prompts.build_row(tokenizer, cfg, "a short clip of"),
+            prompts.build_row(tokenizer, cfg, "[<IMG_PLH>]the same scene moving:", photos[1:2])]
+    batch = prompts.batch(rows, cfg, tokenizer.pad_id)
+    num_frames = 2
+    out = images.generate_video_embeddings(model, params, batch, num_frames)
+    assert out.shape == (2, num_frames, cfg.v_query, cfg.visual_embed_dim)
+    frame = [cfg.boi_token_id] + [None] * cfg.v_query + [cfg.eoi_token_id]
+    for i, row in enumerate(rows):
+        single = prompts.batch([row], cfg, tokenizer.pad_id, slots=1)
+        reference = recompute_everything(model, params, single, [cfg.video_token_id] + frame * num_frames)
+        np.testing.assert_allclose(out[i].reshape(-1, cfg.visual_embed_dim), reference, atol=1e-4)
+    assert np.abs(out[:, 0] - out[:, 1]).max() > 1e-3  # the second frame sees the first
+    assert [tokenizer.id_to_token(t) for t in (cfg.eoi_token_id, cfg.video_token_id)] == ["[/IMG]", "[VIDEO]"]
 
 
 def test_append_boi_continues_positions(tiny_emu2):

@@ -73,7 +73,7 @@ EVAL_SIDE, EVAL_FRAME_SIZE, EVAL_FRAMES = 160, 64, 6
 
 def export_eval_media(out_dir: pathlib.Path = HERE / "eval") -> None:
     from emu2_jax.data.embedded import camera_motion_frames  # pylint: disable=import-outside-toplevel
-    from emu2_jax.video_io import write_gif  # pylint: disable=import-outside-toplevel
+    from emu2_jax.video_io import write_video  # pylint: disable=import-outside-toplevel
 
     coco = out_dir / "coco" / "val2014"
     coco.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def export_eval_media(out_dir: pathlib.Path = HERE / "eval") -> None:
         path = out_dir / "videos" / name
         if name.endswith(".gif"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_gif(path, np.stack(frames))
+            write_video(path, np.stack(frames))
         else:
             path.mkdir(parents=True, exist_ok=True)
             for i, frame in enumerate(frames):
