@@ -33,17 +33,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def synthesise(root: str, pairs: int, videos: int, shards: int) -> tuple[str, str]:
     """Writes pairs-*.tar and videos-*.tar under root; their path patterns."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from emu2_jax.data import embedded, video  # pylint: disable=import-outside-toplevel
+    from emu2_jax import video_io  # pylint: disable=import-outside-toplevel
+    from emu2_jax.data import embedded  # pylint: disable=import-outside-toplevel
     from emu2_jax.data import images as im  # pylint: disable=import-outside-toplevel
 
     with open(embedded.DIR / "pairs.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     photos = {r["image"]: (embedded.DIR / "images" / r["image"]).read_bytes() for r in rows}
     motions = ("pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out")
-    clips = [video.encode_clip(embedded.camera_motion_frames(
-        im.decode_image(photos[name]), motions[i % len(motions)], 24, size=96))
-        for i, name in enumerate(sorted(photos))]
+    clips = []
+    for i, name in enumerate(sorted(photos)):
+        path = os.path.join(root, f"clip-{i}.mp4")
+        video_io.write_video(path, np.stack(embedded.camera_motion_frames(
+            im.decode_image(photos[name]), motions[i % len(motions)], 24, size=96)))
+        with open(path, "rb") as f:
+            clips.append(f.read())
     for shard in range(shards):
         with tarfile.open(os.path.join(root, f"pairs-{shard:03d}.tar"), "w") as tar:
             for i in range(shard, pairs, shards):

@@ -12,16 +12,17 @@ import io
 
 import numpy as np
 
+from emu2_jax import video_io
 from emu2_jax.data import images as im
 from emu2_jax.data.skips import SkipExample
 
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
-# container -> codec that `encode_clip` writes it with (both in PyAV's bundled FFmpeg)
-CODECS = {"mp4": "libx264", "webm": "libvpx"}
+VIDEO_EXTS = tuple(suffix[1:] for suffix in video_io.CONTAINER_SUFFIXES)
 
 
 def _pyav():
-    """PyAV is optional: only corpora with video files need it."""
+    """PyAV is optional: only corpora with video files need it. Its absence is an ImportError
+    (video_io's is a ValueError naming a command flag), which ingestion never counts as a bad
+    record."""
     try:
         import av  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -73,17 +74,3 @@ def clip_jpeg_frames(data: bytes, num_frames: int, stride: int = 1) -> list[byte
     """The frames `read_video_bytes` samples, as JPEG bytes (a `videos` record's `frames`)."""
     return [im.encode_jpeg(f, quality=95) for f in read_video_bytes(data, num_frames, stride)]
 
-
-def encode_clip(frames: list[np.ndarray], container: str = "mp4", fps: int = 8) -> bytes:
-    """uint8 [H, W, 3] frames (even H and W) -> an encoded clip: the WebVid-style samples the
-    tests and benchmarks/ingest.py synthesise."""
-    av = _pyav()
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(CODECS[container], rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for pixels in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        out.mux(stream.encode())  # flush the encoder's delayed frames
-    return buf.getvalue()

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from emu2_jax.data import ingest
 from emu2_jax.data import sources as src
 
-from .conftest import GOOD, NOT_UTF8, REPO_ROOT, TRUNCATED, jpeg_bytes, write_jsonl, write_tar
+from .conftest import GOOD, NOT_UTF8, REPO_ROOT, TRUNCATED, clip_bytes, jpeg_bytes, write_jsonl, write_tar
 
 
 def _pairs_corpus(root) -> str:
@@ -94,13 +93,10 @@ def _edits_corpus(root) -> str:
 
 
 def _videos_corpus(root) -> str:
-    from emu2_jax.data import video  # the `video` extra
-
-    def clip(n):
-        return video.encode_clip([np.full((16, 16, 3), 10 * i, np.uint8) for i in range(n)])
     write_tar(root / "v-0.tar", [("a.000.jpg", GOOD), ("a.001.jpg", GOOD), ("a.txt", b"frames"),
-                                 ("b.mp4", clip(20)), ("b.txt", b"clip"), ("c.txt", b"no frames")])
-    write_tar(root / "v-1.tar", [("d.mp4", clip(3)), ("d.txt", b"too short"),
+                                 ("b.mp4", clip_bytes(20, step=10)), ("b.txt", b"clip"),
+                                 ("c.txt", b"no frames")])
+    write_tar(root / "v-1.tar", [("d.mp4", clip_bytes(3)), ("d.txt", b"too short"),
                                  ("e.mp4", b"not a video"), ("e.txt", b"unreadable")])
     return str(root / "v-{0..1}.tar")
 

@@ -9,22 +9,20 @@ from emu2_jax.data import images as im
 from emu2_jax.data import sequences as sq
 from emu2_jax.data import sources as src
 from emu2_jax.data import tokenizer as tk
+from emu2_jax.data import video
 from emu2_jax.data.assembly import Context
 from emu2_jax.data.skips import SkipExample
 
-from .conftest import GOOD, jpeg_bytes, write_jsonl, write_tar
+from .conftest import GOOD, clip_bytes, jpeg_bytes, write_jsonl, write_tar
 
-pytest.importorskip("av")
-from emu2_jax.data import video  # noqa: E402  (needs PyAV, the `video` extra)
-
-
-def _clip(num_frames: int, container: str = "mp4") -> bytes:
-    """Frame i is a flat grey of level 20 * i (read back within codec error)."""
-    return video.encode_clip([np.full((24, 32, 3), 20 * i, np.uint8) for i in range(num_frames)],
-                             container)
+pytest.importorskip("av")  # the `video` extra (in `test`): clips are written and read with it
 
 
 FRAME = tk.IMG + tk.IMAGE * 2 + tk.IMG_END  # a frame's tokens with n_query=2
+
+
+def _clip(num_frames: int, container: str = "mp4") -> bytes:
+    return clip_bytes(num_frames, f".{container}")
 
 
 def _levels(frames) -> list[int]:
