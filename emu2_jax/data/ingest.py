@@ -10,6 +10,10 @@ shards move into TFDS's dataset folder and the staging folder goes. A retried or
 (Beam reruns failed bundles, Dataflow may run stragglers twice) rewrites the same two files, so
 ingestion is idempotent.
 
+Not TFDS's own Beam path (`_generate_examples` returning a PTransform): that one shuffles every
+example into new shards inside a temporary folder it deletes on failure, so a failed run keeps
+nothing to resume from.
+
 Skips are summed from the jsons (so a resumed run still reports those of earlier runs); a Beam run
 also reports the skips of the files it ingested as Beam counters (namespace `emu2_ingest`, names
 `<kind>/<reason>`), which runners show while the job runs.
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -114,8 +119,14 @@ class ShardIngester:
             features=self.features, serializer=serializer,
             example_writer=writer_lib.ExampleWriter(file_adapters.FileFormat.ARRAY_RECORD))
         task.data_file.parent.mkdir(parents=True, exist_ok=True)
-        count = _write_atomically(task.data_file,
-                                  lambda tmp: shard_writer.write(self.reader(task, skips), tmp))
+        examples = self.reader(task, skips)
+        if "://" not in task.parts_dir:
+            count = _write_atomically(task.data_file, lambda tmp: shard_writer.write(examples, tmp))
+        else:  # ArrayRecord's writer opens local files only: write here, then copy up
+            with tempfile.TemporaryDirectory(prefix="emu2_ingest_") as local:
+                shard = epath.Path(local) / task.data_file.name
+                count = shard_writer.write(examples, shard)
+                _write_atomically(task.data_file, shard.copy)
         if not count:  # nothing usable in this file: no empty shard in the dataset
             task.data_file.unlink()
         result = ShardResult(task.index, count, dict(skips))

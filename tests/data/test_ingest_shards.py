@@ -1,6 +1,7 @@
 """Ingestion shard by shard: Beam and this process give the same examples and skips, a failed run
 resumes at the input files it had not finished, `python -m emu2_jax.data.prepare` as users run it,
 local, file:// and gs:// (etils mock backend) paths."""
+import contextlib
 import json
 import logging
 import os
@@ -9,8 +10,9 @@ import sys
 
 import pytest
 import tensorflow_datasets as tfds
+from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-from emu2_jax.data import ingest
+from emu2_jax.data import ingest, paths
 from emu2_jax.data import sources as src
 
 from .conftest import GOOD, NOT_UTF8, REPO_ROOT, TRUNCATED, clip_bytes, jpeg_bytes, write_jsonl, write_tar
@@ -143,11 +145,11 @@ def test_beam_and_single_process_give_the_same_examples_and_skips(tmp_path, capl
         pytest.importorskip("av")
     kind, fmt, make, count, shards, skips = CORPORA[corpus]
     images = _images(tmp_path)
-    paths = make(tmp_path)
-    single = src.prepare_source(kind, fmt, paths=paths, image_dir=images,
+    inputs = make(tmp_path)
+    single = src.prepare_source(kind, fmt, paths=inputs, image_dir=images,
                                 data_dir=str(tmp_path / "single"))
     with caplog.at_level(logging.INFO, logger=ingest.__name__):
-        beam = src.prepare_source(kind, fmt, paths=paths, image_dir=f"file://{images}",
+        beam = src.prepare_source(kind, fmt, paths=inputs, image_dir=f"file://{images}",
                                   data_dir=str(tmp_path / "beam"), download_config=_beam_config())
     assert _records(beam) == _records(single) and len(_records(single)) == count
     assert beam.ingest_skips == single.ingest_skips == skips
@@ -237,27 +239,63 @@ def test_prepare_command_on_beam_with_worker_processes(tmp_path):
     assert "prepare: --num_workers and --beam_option need a Beam --runner" in done.stderr
 
 
-def test_remote_input_files_through_epath(tmp_path):
-    """gs:// inputs, with etils' mock backend serving gs://bucket/ from a local folder."""
-    from etils.epath import testing as epath_testing
-    pattern = _pairs_corpus(tmp_path)
-    local = src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / "a"))
-    bucket, root = "gs://bucket/", f"{tmp_path}/"
-    seen: set[str] = set()
+BUCKET = "gs://bucket/"
 
-    def to_local(fn, path, *args):
-        seen.add(os.fspath(path))
-        return fn(os.fspath(path).replace(bucket, root), *args)
+
+@contextlib.contextmanager
+def _bucket(root, seen: set[str]):
+    """etils' mock backend serving gs://bucket/ from the local folder `root` (recording the
+    gs:// paths used in `seen`)."""
+    from etils.epath import testing as epath_testing
+
+    def local(path):
+        path = os.fspath(path)
+        if path.startswith(BUCKET):
+            seen.add(path)
+            return path.replace(BUCKET, f"{root}/")
+        return path
+
+    def to_local(fn, *args, **kwargs):
+        return fn(*[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kwargs)
 
     def glob(fn, pattern):
-        return [p.replace(root, bucket) for p in to_local(fn, pattern)]
-    with epath_testing.mock_epath(open=to_local, exists=to_local, isdir=to_local, stat=to_local,
-                                  glob=glob):
-        remote = src.prepare_source("pairs", "webdataset", paths=f"{bucket}p-{{0..2}}.tar",
+        return [p.replace(f"{root}/", BUCKET) for p in to_local(fn, pattern)]
+    names = ("open", "exists", "isdir", "listdir", "mkdir", "makedirs", "copy", "rename",
+             "replace", "remove", "rmtree", "stat")
+    with epath_testing.mock_epath(glob=glob, **dict.fromkeys(names, to_local)):
+        yield
+
+
+def test_remote_input_files_through_epath(tmp_path):
+    pattern = _pairs_corpus(tmp_path)
+    local = src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / "a"))
+    seen: set[str] = set()
+    with _bucket(tmp_path, seen):
+        remote = src.prepare_source("pairs", "webdataset", paths=f"{BUCKET}p-{{0..2}}.tar",
                                     data_dir=str(tmp_path / "b"))
-        globbed = src.prepare_source("pairs", "webdataset", paths=f"{bucket}p-*.tar",
+        globbed = src.prepare_source("pairs", "webdataset", paths=f"{BUCKET}p-*.tar",
                                      data_dir=str(tmp_path / "b"))
     assert _records(remote) == _records(local) and remote.ingest_skips == {"bad_record": 4}
     assert globbed.data_dir == remote.data_dir  # the same files: the same cache entry
-    assert {f"{bucket}p-{i}.tar" for i in range(3)} <= seen  # read through epath, as gs:// paths
-    assert remote.description == f"{bucket}p-0.tar, {bucket}p-1.tar, {bucket}p-2.tar"
+    assert {f"{BUCKET}p-{i}.tar" for i in range(3)} <= seen  # read through epath, as gs:// paths
+    assert remote.description == f"{BUCKET}p-0.tar, {BUCKET}p-1.tar, {BUCKET}p-2.tar"
+
+
+def test_remote_output_shards_are_written_locally_and_copied_up(tmp_path):
+    pattern = _pairs_corpus(tmp_path)
+    files = paths.expand_paths(pattern)
+    tasks = ingest.shard_tasks("pairs", files, f"{BUCKET}parts", image_dir="", system="chat",
+                               clip_frames=16, clip_stride=1)
+    features = tfds.features.FeaturesDict(src.FEATURES["pairs"]())
+    ingester = ingest.ShardIngester(src._READERS[("pairs", "webdataset")], features)
+    seen: set[str] = set()
+    with _bucket(tmp_path, seen):
+        results = ingest.ingest_shards(tasks, ingester)
+        assert ingest.ingest_shards(tasks, ingest.ShardIngester(None, features)) == results
+    parts = tmp_path / "parts"
+    assert sorted(os.listdir(parts)) == [f"part-0000{i}.{ext}" for i in range(3)
+                                         for ext in ("array_record", "json")]
+    assert [r.count for r in results] == [len(ArrayRecordDataSource([str(parts / f"part-0000{i}"
+                                                                         ".array_record")]))
+                                          for i in range(3)] == [4, 2, 1]
+    assert f"{BUCKET}parts/part-00000.json" in seen
