@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -63,12 +64,18 @@ class ShardTask:
         return (self.path,) if self.path else ()
 
     @property
+    def part_name(self) -> str:
+        """Named after the input file, not its position: the cache key ignores the order of the
+        files, so a rerun listing them otherwise still finds what an earlier run finished."""
+        return "part-" + hashlib.sha1(self.path.encode()).hexdigest()[:16]
+
+    @property
     def data_file(self) -> epath.Path:
-        return epath.Path(self.parts_dir) / f"part-{self.index:05d}.array_record"
+        return epath.Path(self.parts_dir) / f"{self.part_name}.array_record"
 
     @property
     def done_file(self) -> epath.Path:
-        return epath.Path(self.parts_dir) / f"part-{self.index:05d}.json"
+        return epath.Path(self.parts_dir) / f"{self.part_name}.json"
 
 
 @dataclasses.dataclass(frozen=True)

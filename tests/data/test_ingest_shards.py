@@ -182,11 +182,14 @@ def test_failed_run_resumes_at_the_files_it_had_not_finished(tmp_path, monkeypat
     with pytest.raises(OSError, match=r"s-2\.tar: network went away"):
         src.prepare_source("pairs", "webdataset", paths=",".join(shards), data_dir=cache)
     (parts,) = list((tmp_path / "cache" / "emu2_pairs").glob("*/1.0.0.parts"))
-    assert sorted(p.name for p in parts.iterdir()) == [
-        "part-00000.array_record", "part-00000.json", "part-00001.array_record", "part-00001.json"]
+    tasks = {os.path.basename(t.path): t for t in ingest.shard_tasks(
+        "pairs", shards, str(parts), image_dir="", system="chat", clip_frames=16, clip_stride=1)}
+    assert sorted(p.name for p in parts.iterdir()) == sorted(
+        f"{tasks[s].part_name}.{ext}" for s in ("s-0.tar", "s-1.tar") for ext in ("array_record",
+                                                                                  "json"))
     # A crash inside shard 3's writing and a marker whose shard went missing: neither is complete.
-    (parts / "part-00003.array_record").write_bytes(b"half a shard")
-    (parts / "part-00001.array_record").unlink()
+    (parts / f"{tasks['s-3.tar'].part_name}.array_record").write_bytes(b"half a shard")
+    (parts / f"{tasks['s-1.tar'].part_name}.array_record").unlink()
 
     read.clear()
     monkeypatch.setitem(src._READERS, ("pairs", "webdataset"), reader(fail_at=""))
@@ -195,6 +198,18 @@ def test_failed_run_resumes_at_the_files_it_had_not_finished(tmp_path, monkeypat
     captions = sorted(prepared.data_source[i]["caption"] for i in range(len(prepared.data_source)))
     assert captions == sorted(b"cap %d %d" % (i, j) for i in range(4) for j in range(3))
     assert not parts.exists()  # the staging folder goes once the dataset is complete
+
+    # The same files in another order are the same dataset: what a failed run finished counts.
+    cache = str(tmp_path / "cache2")
+    monkeypatch.setitem(src._READERS, ("pairs", "webdataset"), reader(fail_at="s-1.tar"))
+    with pytest.raises(OSError, match=r"s-1\.tar: network went away"):
+        src.prepare_source("pairs", "webdataset", paths=",".join(shards), data_dir=cache)
+    read.clear()
+    monkeypatch.setitem(src._READERS, ("pairs", "webdataset"), reader(fail_at=""))
+    prepared = src.prepare_source("pairs", "webdataset", paths=",".join(shards[::-1]),
+                                  data_dir=cache)
+    assert read == ["s-3.tar", "s-2.tar", "s-1.tar"]
+    assert len(prepared.data_source) == 12
 
 
 def _prepare(*flags: str) -> subprocess.CompletedProcess:
@@ -293,9 +308,8 @@ def test_remote_output_shards_are_written_locally_and_copied_up(tmp_path):
         results = ingest.ingest_shards(tasks, ingester)
         assert ingest.ingest_shards(tasks, ingest.ShardIngester(None, features)) == results
     parts = tmp_path / "parts"
-    assert sorted(os.listdir(parts)) == [f"part-0000{i}.{ext}" for i in range(3)
-                                         for ext in ("array_record", "json")]
-    assert [r.count for r in results] == [len(ArrayRecordDataSource([str(parts / f"part-0000{i}"
-                                                                         ".array_record")]))
-                                          for i in range(3)] == [4, 2, 1]
-    assert f"{BUCKET}parts/part-00000.json" in seen
+    assert sorted(os.listdir(parts)) == sorted(f"{t.part_name}.{ext}" for t in tasks
+                                               for ext in ("array_record", "json"))
+    assert [r.count for r in results] == [len(ArrayRecordDataSource([str(
+        parts / f"{t.part_name}.array_record")])) for t in tasks] == [4, 2, 1]
+    assert f"{BUCKET}parts/{tasks[0].part_name}.json" in seen
