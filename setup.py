@@ -33,11 +33,16 @@ EXTRAS = {
         "safetensors>=0.4",
         "libtpu==0.0.42.*",  # compiles for TPU topologies on CPU (tests/test_aot.py); jax 0.10.2's own pin
         "pycocoevalcap>=1.2",  # CIDEr-D parity with coco-caption's pure-Python scorer (tests/evaluation)
-        "av>=14",  # MP4 / WebM clips (tests/test_video_io.py)
+        "av>=14",  # MP4 / WebM clips (tests/test_video_io.py, tests/data/test_video.py)
     ],
     "convert": ["torch==2.13.0", "safetensors>=0.4"],
     "tpu": ["libtpu==0.0.42.*"],
-    "video": ["av>=14"],  # PyAV (FFmpeg): reading video files, writing MP4 / WebM clips
+    # PyAV (FFmpeg): reading video files (also in webdataset shards at ingestion), writing MP4 / WebM
+    "video": ["av>=14"],
+    # `python -m emu2_jax.data.prepare --runner=...`. Not in "test": Beam 2.77 caps protobuf<7,
+    # pillow<13 and pyarrow<26, so pip would downgrade this stack (README.md#data); the Beam tests
+    # skip without it.
+    "beam": ["apache-beam>=2.60,<3"],
 }
 
 setup(

@@ -131,20 +131,26 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
 
 
 def source(builder: str, fmt: str, weight: float, *, paths: str = "", image_dir: str = "",
-           system: str = "chat") -> ml_collections.ConfigDict:
+           system: str = "chat", clip_frames: int = 16, clip_stride: int = 1
+           ) -> ml_collections.ConfigDict:
     """One entry of `data.sources`: where a data source is and its share of the mixture.
 
     builder: the sequence builder, which fixes the record kind it reads (image_text, video_text,
       interleaved, grounded, text, chat, gen_t2i, gen_grounded, gen_edit, decoder).
-    fmt: embedded (the dataset shipped in emu2_jax/data/embedded), webdataset, mmc4, grit, jsonl
-      or llava (emu2_jax/data/formats.py describes each).
+    fmt: embedded (the dataset shipped in emu2_jax/data/embedded), webdataset, mmc4, grit, jsonl,
+      llava (emu2_jax/data/formats.py describes each) or storyboard (emu2_jax/data/storyboard.py).
     weight: relative share of the mixture (0 disables the source); the paper's per-type global
       batch sizes.
-    paths: globs / {a..b} ranges / comma list; image_dir: where mmc4, llava and jsonl edits find
-      their images; system: llava's system message, 'chat' | 'academic' | literal text.
+    paths: globs / {a..b} ranges / comma list (local, file:// or gs://); image_dir: where mmc4,
+      llava, jsonl edits and storyboards find their images; system: llava's system message,
+      'chat' | 'academic' | literal text.
+    clip_frames, clip_stride: video files (mp4/webm in webdataset shards): the frames kept of each
+      clip at ingestion, sampled among every clip_stride-th frame (as `python -m
+      emu2_jax.data.prepare --clip_frames --clip_stride` prepared them).
     """
     return ml_collections.ConfigDict({"builder": builder, "format": fmt, "paths": paths,
-                                      "image_dir": image_dir, "weight": float(weight), "system": system})
+                                      "image_dir": image_dir, "weight": float(weight), "system": system,
+                                      "clip_frames": clip_frames, "clip_stride": clip_stride})
 
 
 def data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:

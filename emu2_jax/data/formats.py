@@ -2,7 +2,8 @@
 
 - pairs (webdataset): tar shards of `key.{jpg,png,webp}` + `key.txt` (or `key.json` with
   "caption"), as img2dataset writes LAION / CapsFusion;
-- videos (webdataset): tar shards of `key.txt` + pre-extracted frames `key.<n>.jpg`;
+- videos (webdataset): tar shards of `key.txt` (or `key.json` with "caption") + pre-extracted
+  frames `key.<n>.jpg`, or one encoded clip `key.{mp4,webm,...}` (WebVid), sampled by `video`;
 - interleaved (mmc4): MMC4 jsonl (`text_list`, `image_info[].image_name` / `matched_text_index`)
   + a folder with the downloaded images;
 - grounded (grit): tar shards of `key.jpg` + `key.json` with GRIT's `caption` and `noun_chunks`
@@ -18,24 +19,26 @@ are counted). What a reader itself has to drop (malformed lines, incomplete samp
 image files, file names leading outside their folder) it counts per reason in the `skips` counter
 it is given, logging the first few of each reason with their `file:line`. A file it cannot read
 is an error naming it. Files a record names are read only from inside `image_dir` (or the folder
-of the record's own file when there is none). `paths` accepts globs, `{000..123}` ranges,
-directories (their files) and comma-separated lists (`expand_paths`).
+of the record's own file when there is none). Input files may be local or remote (etils epath:
+gs://, s3://; `paths.expand_paths` lists them); `image_dir` is local.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+from etils import epath
 
 from emu2_jax.data import tokenizer as tk
+from emu2_jax.data import video
+from emu2_jax.data.skips import SkipExample
 
 log = logging.getLogger(__name__)
 
@@ -47,48 +50,11 @@ class Inputs(Protocol):
     paths: tuple[str, ...]  # expanded, existing files
     image_dir: str          # mmc4, llava, jsonl edits: where the referenced images are
     system: str             # llava: 'chat' | 'academic' | literal system message
+    clip_frames: int        # video files: frames kept per clip (`video`)
+    clip_stride: int        # video files: sampled among every clip_stride-th frame
 
 
 Reader = Callable[[Inputs, Counter], Iterator[tuple[str, dict[str, Any]]]]
-
-
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """Globs, `{0000..0099}` ranges and comma-separated lists -> sorted existing files."""
-    items = paths.split(",") if isinstance(paths, str) else list(paths)
-    patterns = [p.strip() for p in items if p and p.strip()]
-    if not patterns:
-        raise ValueError("no paths configured for this source")
-    out: list[str] = []
-    for pattern in patterns:
-        for expanded in _expand_ranges(os.path.expanduser(pattern)):
-            matches = sorted(glob.glob(expanded))
-            if not matches:
-                raise FileNotFoundError(f"no file matches {expanded!r}")
-            for match in matches:
-                out += _directory_files(match) if os.path.isdir(match) else [match]
-    return out
-
-
-def _directory_files(directory: str) -> list[str]:
-    """The visible regular files of a directory given as a path (not recursive)."""
-    try:
-        names = os.listdir(directory)
-    except PermissionError as e:
-        raise PermissionError(f"cannot read input directory {directory}: permission denied") from e
-    files = sorted(os.path.join(directory, n) for n in names
-                   if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
-    if not files:
-        raise FileNotFoundError(f"no input files in {directory}")
-    return files
-
-
-def _expand_ranges(pattern: str) -> list[str]:
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not match:
-        return [pattern]
-    lo, hi, width = int(match.group(1)), int(match.group(2)), len(match.group(1))
-    return [expanded for i in range(lo, hi + 1) for expanded in _expand_ranges(
-        pattern[:match.start()] + str(i).zfill(width) + pattern[match.end():])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,7 +76,7 @@ def _open_input(path: str):
     """An input file for reading. Failing to read one is an error naming it, never a skip: a
     dataset cached without the file would be reused as complete after the file became readable."""
     try:
-        return open(path, "rb")
+        return epath.Path(path).open("rb")
     except OSError as e:
         raise OSError(f"cannot read input file {path}: {e.strerror or e}") from e
 
@@ -266,28 +232,33 @@ def chat_record(key: str, system: str, turns: list[tuple[str, str]], images: lis
 
 def _guarded(build: Callable[..., dict | None], where: str, skips: Counter, *args: Any) -> dict | None:
     """build(*args) for one record; any exception in it (a malformed field, an overflowing number)
-    is that record's counted `bad_record`, never the end of the source. I/O errors propagate."""
+    is that record's counted `bad_record` (a SkipExample: its own reason), never the end of the
+    source. I/O errors and a missing optional package (PyAV for video files) propagate."""
     try:
         return build(*args)
-    except OSError:
+    except SkipExample as e:
+        skip(skips, e.reason, where, e.detail)
+        return None
+    except (OSError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever a malformed record makes the code raise
         skip(skips, "bad_record", where, f"{type(e).__name__}: {e}"[:200])
         return None
 
 
-def _webdataset_reader(build: Callable[[str, dict[str, bytes]], dict]) -> Reader:
-    """A reader of tar shards: build(key, group) -> record; it raises on an incomplete sample."""
+def _webdataset_reader(build: Callable[[Inputs, str, dict[str, bytes]], dict]) -> Reader:
+    """A reader of tar shards: build(cfg, key, group) -> record; it raises on an incomplete
+    sample."""
     def read(cfg: Inputs, skips: Counter):
         for path in cfg.paths:
             for key, group in _iter_webdataset(path, skips):
-                record = _guarded(build, f"{path}:{key}", skips, key, group)
+                record = _guarded(build, f"{path}:{key}", skips, cfg, key, group)
                 if record is not None:
                     yield key, record
     return read
 
 
-def _json_reader(build: Callable[[Inputs, str, Any, Counter, str], dict | None]) -> Reader:
+def json_reader(build: Callable[[Inputs, str, Any, Counter, str], dict | None]) -> Reader:
     """A reader of json lines: build(cfg, key, row, skips, where) -> record, None when it counted
     its own skip (a missing image), or an exception for a malformed row."""
     def read(cfg: Inputs, skips: Counter):
@@ -301,7 +272,7 @@ def _json_reader(build: Callable[[Inputs, str, Any, Counter, str], dict | None])
     return read
 
 
-def _pairs(key: str, group: dict[str, bytes]) -> dict:
+def _pairs(cfg: Inputs, key: str, group: dict[str, bytes]) -> dict:
     image, caption = _first_image(group), _caption_bytes(group)
     if image is None or caption is None:
         raise ValueError("sample without an image or a caption")
@@ -311,16 +282,20 @@ def _pairs(key: str, group: dict[str, bytes]) -> dict:
 _FRAME_RE = re.compile(r"^(\d+)\.(jpg|jpeg|png)$")
 
 
-def _videos(key: str, group: dict[str, bytes]) -> dict:
-    frames = sorted((int(m.group(1)), data) for ext, data in group.items()
-                    if (m := _FRAME_RE.match(ext)))
+def _videos(cfg: Inputs, key: str, group: dict[str, bytes]) -> dict:
+    numbered = sorted((int(m.group(1)), data) for ext, data in group.items()
+                      if (m := _FRAME_RE.match(ext)))
+    frames = [data for _, data in numbered]
+    clip = next((group[e] for e in video.VIDEO_EXTS if e in group), None)
     caption = _caption_bytes(group)
-    if not frames or caption is None:
-        raise ValueError("sample without frames or a caption")
-    return {"key": key.encode(), "frames": [d for _, d in frames], "caption": caption}
+    if not (frames or clip is not None) or caption is None:
+        raise ValueError("sample without frames, a video file or a caption")
+    if not frames:
+        frames = video.clip_jpeg_frames(clip, cfg.clip_frames, cfg.clip_stride)
+    return {"key": key.encode(), "frames": frames, "caption": caption}
 
 
-def _grounded(key: str, group: dict[str, bytes]) -> dict:
+def _grounded(cfg: Inputs, key: str, group: dict[str, bytes]) -> dict:
     image = _first_image(group)
     if image is None:
         raise ValueError("sample without an image")
@@ -375,9 +350,9 @@ def _edits(base_dir: str, key: str, row: Any, skips: Counter, where: str,
 READERS: dict[tuple[str, str], Reader] = {
     ("pairs", "webdataset"): _webdataset_reader(_pairs),
     ("videos", "webdataset"): _webdataset_reader(_videos),
-    ("interleaved", "mmc4"): _json_reader(_interleaved),
+    ("interleaved", "mmc4"): json_reader(_interleaved),
     ("grounded", "grit"): _webdataset_reader(_grounded),
-    ("text", "jsonl"): _json_reader(_text),
-    ("chat", "llava"): _json_reader(_chat),
-    ("edits", "jsonl"): _json_reader(_edits),
+    ("text", "jsonl"): json_reader(_text),
+    ("chat", "llava"): json_reader(_chat),
+    ("edits", "jsonl"): json_reader(_edits),
 }

@@ -47,6 +47,13 @@ def decode_image(data: bytes) -> np.ndarray:
     return pixels
 
 
+def encode_jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes (how synthesised and decoded video frames are stored)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def read_image_file(path: str, where: str) -> np.ndarray:
     """uint8 [H, W, 3] of the image file `path`; ValueError naming `where` (how it was given) when it
     cannot be read or decoded."""

@@ -399,7 +399,10 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
     for k, (name, s) in enumerate(active):
         prepared = src.prepare_source(records.RECORD_KINDS[s.builder], s.format, paths=s.paths,
                                       image_dir=s.image_dir, system=s.system,
-                                      data_dir=cfg.cache_dir)
+                                      data_dir=cfg.cache_dir,
+                                      # optional: hand-written source configs may lack them
+                                      clip_frames=s.get("clip_frames", src.CLIP_FRAMES),
+                                      clip_stride=s.get("clip_stride", 1))
         ds = grain.MapDataset.source(prepared.data_source)[shard_index::shard_count]
         if len(ds) == 0:
             raise ValueError(f"data source {name!r} ({prepared.description}) has no record for "

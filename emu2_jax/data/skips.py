@@ -15,6 +15,8 @@ REASONS: tuple[str, ...] = (
     "too_small",          # image below the decoder's minimum side
     "bad_record",         # malformed json / incomplete webdataset sample (ingest)
     "unsafe_path",        # a record names a file outside its image_dir / shard folder (ingest)
+    "bad_video",          # a video file PyAV cannot demux or decode (ingest)
+    "too_short",          # a video with fewer frames than the source samples (ingest)
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
@@ -26,7 +28,7 @@ class SkipExample(Exception):
         if reason not in REASON_INDEX:
             raise ValueError(f"unknown skip reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""TFDS sources: builders that ingest Emu2's corpora from local files into ArrayRecord, and
+"""TFDS sources: builders that ingest Emu2's corpora from their files into ArrayRecord, and
 `prepare_source`, which builds a source once (cached by its inputs) and opens it for reading.
 
 One builder per record kind (`KINDS`); each takes a `SourceConfig` naming the on-disk format
@@ -7,7 +7,8 @@ Records keep encoded image bytes and raw text bytes as plain `Tensor(dtype=objec
 neither writing nor reading needs TensorFlow; decoding and validation happen in the input
 pipeline, where bad examples are counted. What ingestion itself has to drop is counted per
 reason, logged and stored in the dataset's metadata ("ingest_skips"). A source without a single
-usable record is an error naming its paths.
+usable record is an error naming its paths. Each input file becomes one output shard, in this
+process or on Apache Beam, resumably (`ingest`); `python -m emu2_jax.data.prepare` runs it.
 """
 from __future__ import annotations
 
@@ -22,17 +23,23 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
-from emu2_jax.data import embedded, formats
+from emu2_jax.data import embedded, formats, ingest, storyboard, video
+from emu2_jax.data import paths as input_paths
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/emu2_jax/tfds"
 CACHE_ENV = "EMU2_JAX_DATA_CACHE"
+# Frames kept of each video file at ingestion (training samples `video_frames` of them).
+CLIP_FRAMES = 16
 KINDS = ("pairs", "videos", "interleaved", "grounded", "text", "chat", "edits")
 # (kind, format) -> reader; every kind also reads from the embedded dataset.
 _READERS: dict[tuple[str, str], formats.Reader] = {
-    **{(kind, "embedded"): embedded.reader(kind) for kind in KINDS}, **formats.READERS}
+    **{(kind, "embedded"): embedded.reader(kind) for kind in KINDS}, **formats.READERS,
+    ("interleaved", "storyboard"): storyboard.read}
 FORMATS = {kind: tuple(f for k, f in _READERS if k == kind) for kind in KINDS}
 
 
@@ -72,16 +79,20 @@ FEATURES = {
 class SourceConfig(tfds.core.BuilderConfig):
     """Where a source's raw files are (the `formats.Inputs` its reader gets). `name` is derived
     from the format and a hash of the inputs (the set of files with their sizes and mtimes,
-    image_dir, system) and of the ingestion code, so a change of either gives a fresh entry."""
+    image_dir, system, the video sampling) and of the ingestion code, so a change of either gives
+    a fresh entry."""
 
     def __init__(self, *, fmt: str, paths: Sequence[str] = (), image_dir: str = "",
-                 system: str = "chat", **kwargs):
+                 system: str = "chat", clip_frames: int = CLIP_FRAMES, clip_stride: int = 1,
+                 **kwargs):
         super().__init__(**kwargs)
         self.fmt, self.paths, self.image_dir, self.system = fmt, tuple(paths), image_dir, system
+        self.clip_frames, self.clip_stride = clip_frames, clip_stride
 
 
-class _Emu2Builder(tfds.core.GeneratorBasedBuilder):
-    """Shared plumbing: features per kind, one 'train' split, ingest skip counting."""
+class _Emu2Builder(FileReaderBuilder):
+    """Shared plumbing: features per kind, one 'train' split of one shard per input file,
+    ingest skip counting."""
 
     VERSION = tfds.core.Version("1.0.0")
     KIND = ""
@@ -95,18 +106,23 @@ class _Emu2Builder(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(FEATURES[self.KIND]()),
             metadata=tfds.core.MetadataDict())
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples()}
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Fixed now: while TFDS builds the dataset, data_dir names its temporary folder.
+        self._parts_dir = ingest.parts_dir_of(self.data_dir)
 
-    def _generate_examples(self):
+    def _download_and_prepare(self, dl_manager, download_config):
+        """Ingests every input file (on Beam when `download_config` names a runner or options)."""
+        del dl_manager
         cfg: SourceConfig = self.builder_config
-        skips: Counter = Counter()
-        reader = _READERS[(self.KIND, cfg.fmt)]
-        count = 0
-        for key, record in reader(cfg, skips):
-            count += 1
-            yield key, record
+        tasks = ingest.shard_tasks(self.KIND, cfg.paths, self._parts_dir, image_dir=cfg.image_dir,
+                                   system=cfg.system, clip_frames=cfg.clip_frames,
+                                   clip_stride=cfg.clip_stride)
+        ingester = ingest.ShardIngester(_READERS[(self.KIND, cfg.fmt)], self.info.features)
+        results = ingest.ingest_shards(tasks, ingester, beam_runner=download_config.beam_runner,
+                                       beam_options=download_config.beam_options)
+        skips = sum((Counter(r.skips) for r in results), Counter())
+        count = sum(r.count for r in results)
         self.info.metadata["ingest_skips"] = dict(skips)
         if skips:
             log.warning("ingesting %s %s from %s skipped %s", self.KIND, cfg.fmt,
@@ -114,6 +130,9 @@ class _Emu2Builder(tfds.core.GeneratorBasedBuilder):
         if count == 0:
             raise ValueError(f"no usable {self.KIND} record in {_describe(cfg)} "
                              f"(skipped: {dict(skips) or 'nothing found'})")
+        split = ingest.move_into_dataset(tasks, results, self._get_filename_template("train"),
+                                         "train")
+        self.info.set_splits(tfds.core.SplitDict([split]))
 
 
 def _describe(cfg: SourceConfig) -> str:
@@ -164,16 +183,24 @@ class PreparedSource:
     data_source: Any            # random-access ArrayRecord source (len, __getitem__)
     ingest_skips: dict[str, int]
     description: str            # the paths, for error messages
+    data_dir: str               # the dataset's folder
 
 
-def cache_dir(configured: str = "") -> pathlib.Path:
-    return pathlib.Path(configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+def cache_dir(configured: str = "") -> epath.Path:
+    """The TFDS data_dir: local, `file://` or remote (gs://, s3://)."""
+    return epath.Path(input_paths.local_or_uri(
+        configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR))
 
 
 def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", image_dir: str = "",
-                   system: str = "chat", data_dir: str = "") -> PreparedSource:
+                   system: str = "chat", data_dir: str = "", clip_frames: int = CLIP_FRAMES,
+                   clip_stride: int = 1, download_config: tfds.download.DownloadConfig | None = None
+                   ) -> PreparedSource:
     """Builds the ArrayRecord dataset for a source if it is not cached yet, then opens it with
-    `as_data_source`. The embedded dataset builds in about a second on first use."""
+    `as_data_source`. The embedded dataset builds in about a second on first use.
+
+    `download_config` with a `beam_runner` or `beam_options` ingests on Beam; a run that failed
+    resumes at the first input file it had not finished (`ingest`)."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
     if fmt not in FORMATS[kind]:
@@ -182,35 +209,47 @@ def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", imag
     if fmt == "embedded":
         files, digest_inputs = [], [_embedded_digest()]
     else:
-        files = formats.expand_paths(paths)
-        if image_dir and not os.path.isdir(os.path.expanduser(image_dir)):
-            raise FileNotFoundError(f"image_dir {image_dir!r} is not a directory")
+        files = input_paths.expand_paths(paths)
+        image_dir = input_paths.local_or_uri(image_dir) if image_dir else ""
+        if image_dir and not os.path.isdir(image_dir):  # local only: records name files in it
+            raise FileNotFoundError(f"image_dir {image_dir!r} is not a local directory")
         # The set of files (order-free: the same files listed differently are the same dataset).
-        digest_inputs = sorted(f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
-                               for f in files)
-        digest_inputs += [os.path.expanduser(image_dir), system]
+        digest_inputs = sorted(_file_identity(f) for f in files)
+        digest_inputs += [image_dir, system]
+        if kind == "videos":  # only video files are sampled
+            digest_inputs += [f"clip:{clip_frames}:{clip_stride}"]
     digest_inputs.append(CODE_DIGEST)  # a fix in the readers re-ingests instead of reusing
     digest = hashlib.sha1("\n".join(digest_inputs).encode()).hexdigest()[:12]
     config = SourceConfig(name=f"{fmt}-{digest}", fmt=fmt, paths=files,
-                          image_dir=os.path.expanduser(image_dir), system=system,
+                          image_dir=image_dir, system=system,
+                          clip_frames=clip_frames, clip_stride=clip_stride,
                           description=f"{fmt} {kind}")
     builder = BUILDERS[kind](config=config, data_dir=str(cache_dir(data_dir)))
     cached = builder.is_prepared()
     if not cached:
         tfds.disable_progress_bar()
-        builder.download_and_prepare(file_format="array_record")
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
     metadata = builder.info.metadata or {}
     skips = {k: int(v) for k, v in metadata.get("ingest_skips", {}).items()}
     if skips and cached:  # ingestion logged them once; every later use says them again
         log.warning("cached %s %s from %s (%s) was ingested with records skipped: %s", kind, fmt,
                     _describe(config), builder.data_dir, skips)
-    return PreparedSource(builder.as_data_source(split="train"), skips, _describe(config))
+    return PreparedSource(builder.as_data_source(split="train"), skips, _describe(config),
+                          os.fspath(builder.data_dir))
+
+
+def _file_identity(path: str) -> str:
+    """path:size:mtime (local paths made absolute; remote ones through epath)."""
+    stat = epath.Path(path).stat()
+    where = path if "://" in path else os.path.abspath(path)
+    return f"{where}:{stat.length}:{stat.mtime}"
 
 
 def _code_digest() -> str:
-    """The ingestion code's version: the source of the readers and builders."""
+    """The ingestion code's version: the source of the readers, builders and ingestion."""
     h = hashlib.sha1()
-    for module in (formats.__file__, __file__, embedded.__file__):
+    for module in (formats.__file__, __file__, embedded.__file__, ingest.__file__, video.__file__,
+                   storyboard.__file__):
         h.update(pathlib.Path(module).read_bytes())
     return h.hexdigest()
 

@@ -5,6 +5,7 @@ import io
 import json
 import pathlib
 import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator
 
 import ml_collections
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emu2_jax import video_io
 from emu2_jax.data import packing
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.data.assembly import Example
@@ -60,6 +62,16 @@ def write_jsonl(path: pathlib.Path, rows: list) -> str:
             f.write(row if isinstance(row, bytes) else json.dumps(row).encode())
             f.write(b"\n")
     return str(path)
+
+
+def clip_bytes(num_frames: int, suffix: str = ".mp4", step: int = 20,
+               size: tuple[int, int] = (24, 32)) -> bytes:
+    """An encoded clip (`video_io.write_video`, PyAV) whose frame i is a flat grey of step * i."""
+    frames = np.stack([np.full((*size, 3), step * i, np.uint8) for i in range(num_frames)])
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / f"clip{suffix}"
+        video_io.write_video(path, frames)
+        return path.read_bytes()
 
 
 GOOD = jpeg_bytes()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from emu2_jax.data import formats
+from emu2_jax.data import paths
 from emu2_jax.data import sources as src
 
 from .conftest import GOOD, jpeg_bytes, write_jsonl, write_tar
@@ -116,18 +116,18 @@ def test_input_directories(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=f"no input files in {empty}"):
-        formats.expand_paths(str(empty))
+        paths.expand_paths(str(empty))
     full = tmp_path / "full"
     full.mkdir()
     for name in ("b.tar", "a.tar", ".hidden"):
         (full / name).write_bytes(b"")
-    assert formats.expand_paths(str(full)) == [str(full / "a.tar"), str(full / "b.tar")]
+    assert paths.expand_paths(str(full)) == [str(full / "a.tar"), str(full / "b.tar")]
 
     def denied(path):
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(os, "listdir", denied)  # tests run as root: chmod would not stop a read
     with pytest.raises(PermissionError, match=f"cannot read input directory {full}: permission"):
-        formats.expand_paths(str(full))
+        paths.expand_paths(str(full))
 
 
 def test_record_paths_stay_inside_their_folder(tmp_path):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from emu2_jax.data import embedded, formats
+from emu2_jax.data import embedded, paths
 from emu2_jax.data import images as im
 from emu2_jax.data import sources as src
 
@@ -68,12 +68,12 @@ def test_webdataset_pairs(tmp_path):
 def test_path_patterns_and_missing_files(tmp_path):
     for i in range(3):
         write_tar(tmp_path / f"s-{i:02d}.tar", [(f"k{i}.jpg", GOOD), (f"k{i}.txt", b"x")])
-    assert len(formats.expand_paths(str(tmp_path / "s-{00..02}.tar"))) == 3
-    assert len(formats.expand_paths(f"{tmp_path}/s-00.tar,{tmp_path}/s-0[12].tar")) == 3
+    assert len(paths.expand_paths(str(tmp_path / "s-{00..02}.tar"))) == 3
+    assert len(paths.expand_paths(f"{tmp_path}/s-00.tar,{tmp_path}/s-0[12].tar")) == 3
     with pytest.raises(FileNotFoundError, match="s-03.tar"):
-        formats.expand_paths(str(tmp_path / "s-{00..07}.tar"))
+        paths.expand_paths(str(tmp_path / "s-{00..07}.tar"))
     with pytest.raises(ValueError, match="no paths"):
-        formats.expand_paths("")
+        paths.expand_paths("")
     with pytest.raises(ValueError, match="cannot be read from format"):
         src.prepare_source("pairs", "mmc4", paths="x")
 

@@ -7,7 +7,6 @@ instruction-editing pairs are pixel edits of a photo (`apply_edit`).
 """
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from typing import Any
@@ -30,12 +29,6 @@ def _rows(name: str) -> list[dict]:
 
 def _image(name: str) -> bytes:
     return (DIR / "images" / name).read_bytes()
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 def camera_motion_frames(pixels: np.ndarray, motion: str, num_frames: int,
@@ -86,7 +79,7 @@ def apply_edit(pixels: np.ndarray, edit: str) -> np.ndarray:
 
 def _video(name: str, motion: str, num_frames: int) -> list[bytes]:
     pixels = im.decode_image(_image(name))
-    return [_jpeg(f) for f in camera_motion_frames(pixels, motion, num_frames)]
+    return [im.encode_jpeg(f) for f in camera_motion_frames(pixels, motion, num_frames)]
 
 
 def _record(kind: str, key: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +101,7 @@ def _record(kind: str, key: str, row: dict[str, Any]) -> dict[str, Any]:
                                    videos, row["grounding"])
     source = im.decode_image(_image(row["image"]))
     return {"source": _image(row["image"]),
-            "target": _jpeg(np.ascontiguousarray(apply_edit(source, row["edit"]))),
+            "target": im.encode_jpeg(apply_edit(source, row["edit"])),
             "instruction": row["instruction"].encode()}
 
 
