@@ -8,12 +8,14 @@ explicitly is kept. Candidates:
 - tensor in {1, 2, 4, 8}, dividing every dimension the rules put on `tensor` (heads, MLP, vocab);
 - data x fsdp splitting the rest, the global batch divisible over the batch shards;
 - an accumulation dividing each batch shard's rows;
-- remat none, minimal, save_qkv_proj or full.
+- a remat policy among AUTO_POLICIES (only `full` so far: the others' activations are not yet
+  calibrated).
 
 Each is scored by an analytic model:
 
 - memory per chip = the training state's shards on that mesh (exact: parameters, Adam moments and
-  float32 gradients, accumulated and per microbatch) + one microbatch's activations (the per-layer
+  float32 gradients, accumulated and per microbatch) + the chip's share of the global batch
+  (exact) + one microbatch's activations (the per-layer
   tensors the remat policy keeps x KEPT_FACTOR; one layer's recompute working set, the chunked loss
   and the encoder x WORKING_FACTOR) + FIXED_GIB, the factors calibrated against XLA:TPU's
   `memory_analysis` of the 37B stages (tests/test_plan.py compares plans with compiled ones);
@@ -43,13 +45,18 @@ from emu2_jax import sharding as sh
 GIB = 2 ** 30
 AUTO = "auto"
 HEADROOM = 0.85          # of HBM: XLA's own buffers, fragmentation, the data pipeline's prefetch
-# Calibration against XLA:TPU's memory_analysis of the four 37B stages of the README's fits table
-# (remat full): the estimate is 1.00-1.67x the compiled peak, never below. XLA keeps each saved
-# residual about 4 times over (float32 and compute-dtype copies, the scan's stacked carries).
-KEPT_FACTOR = 4.0
-WORKING_FACTOR = 1.05
+# Calibration against XLA:TPU's memory_analysis of five compiled 37B steps (remat full: the four
+# stages of the README's fits table on v5p-256, and stage 2 on v5p-128 at (1, 32, 2) x 145): the
+# estimate is 1.00-1.37x the compiled peak, never below. XLA keeps each saved residual 2-3 times
+# over (float32 and compute-dtype copies, the scan's stacked carries).
+KEPT_FACTOR = 2.65
+WORKING_FACTOR = 0.9
 FIXED_GIB = 1.0          # code, collective buffers, the step's scalars
 REMAT_POLICIES = ("none", "minimal", "save_qkv_proj", "full")
+# The policies `remat_policy="auto"` picks from: those whose activation estimate has been checked
+# against compiled 37B steps. `minimal` was not: at stage 2 on v5p-128, (1, 32, 2) x 725 microbatches,
+# it was estimated at 41 GiB and XLA:TPU needed 170 GiB of temporaries (tests/test_plan.py).
+AUTO_POLICIES = ("full",)
 # Fraction of the forward pass recomputed in the backward pass, as extra FLOPs over a trained
 # model's 3 passes: full recomputes everything (+1/3); minimal keeps the projections and recomputes
 # the attention scores and the MLP's gate/up (+~1/10); save_qkv_proj also recomputes o and the MLP.
@@ -93,7 +100,8 @@ class Plan:
     grad_accum_steps: int
     remat_policy: str
     rows_per_chip: int            # rows of one microbatch on one batch shard
-    state_gib: float
+    state_gib: float              # parameters, optimizer state, gradients
+    batch_gib: float              # this chip's share of the global batch
     activation_gib: float
     memory_gib: float             # estimated peak per chip
     compute_s: float
@@ -103,8 +111,8 @@ class Plan:
     def describe(self) -> str:
         return (f"mesh (data, fsdp, tensor) = {self.mesh_shape}, grad_accum_steps {self.grad_accum_steps} "
                 f"({self.rows_per_chip} rows per chip per microbatch), remat {self.remat_policy}; estimated "
-                f"{self.memory_gib:.1f} GiB per chip (state {self.state_gib:.1f} + activations "
-                f"{self.activation_gib:.1f}), step {self.step_s:.2f} s (compute {self.compute_s:.2f} s, "
+                f"{self.memory_gib:.1f} GiB per chip (state {self.state_gib:.1f} + batch {self.batch_gib:.1f} + "
+                f"activations {self.activation_gib:.1f}), step {self.step_s:.2f} s (compute {self.compute_s:.2f} s, "
                 f"communication {self.communication_s:.2f} s)")
 
 
@@ -223,7 +231,7 @@ def score(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chip
     is_trainable = optim.trainable_predicate(tuple(config.trainable), lora=task.lora, components=task.components)
     chips, batch = len(devices), config.global_batch_size
     tensors = tensor_sizes_allowed(boxed, rules, chips)
-    policies = REMAT_POLICIES if policy == AUTO else (policy,)
+    policies = AUTO_POLICIES if policy == AUTO else (policy,)
     options = candidates(chips, batch, tensors, config.mesh_shape, config.grad_accum_steps, policies)
     if not options:
         raise ValueError(f"global_batch_size={batch} divides over no mesh of {chips} devices (tensor in {tensors}, "
@@ -233,6 +241,8 @@ def score(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chip
     llm_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params.get("llm", {})))
     trainable_params = sum(math.prod(x.shape) for x in jax.tree.leaves(optim.split_params(params, is_trainable)[0]))
     cb = _bytes(task.model_cfg.llm.dtype)
+    # The global batch arrives whole (all microbatches), split over the batch shards.
+    batch_bytes = sum(math.prod(x.shape) * _bytes(x.dtype) for x in jax.tree.leaves(task.dummy_batch(batch)))
     states: dict[tuple[int, ...], float] = {}
     plans = []
     for mesh_shape, steps, remat in options:
@@ -243,13 +253,14 @@ def score(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chip
         kept, working = llm_activation_bytes(task.model_cfg, config, rows, tensor, remat,
                                              "visual" in config.trainable)
         act = KEPT_FACTOR * kept + WORKING_FACTOR * working
-        memory = states[mesh_shape] + act + FIXED_GIB * GIB
+        memory = states[mesh_shape] + batch_bytes / (data * fsdp) + act + FIXED_GIB * GIB
         compute = flops * RECOMPUTE[remat] / (chips * chip.peak_tflops * 1e12) if chip else 0.0
         gather = (fsdp - 1) / fsdp * (2 * llm_params * cb + trainable_params * 4) / tensor
         all_reduce = 2 * (data - 1) / data * trainable_params * 4 / (fsdp * tensor)
         comm = (steps * gather + all_reduce) / (chip.ici_gbps * 1e9) if chip else 0.0
-        plans.append(Plan(tuple(mesh_shape), steps, remat, rows, states[mesh_shape] / GIB, act / GIB, memory / GIB,
-                          compute, comm, max(compute, comm)))
+        plans.append(Plan(tuple(mesh_shape), steps, remat, rows, states[mesh_shape] / GIB,
+                          batch_bytes / (data * fsdp) / GIB, act / GIB, memory / GIB, compute, comm,
+                          max(compute, comm)))
     return plans
 
 
