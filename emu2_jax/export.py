@@ -13,10 +13,13 @@ when there is more than one),
 and its `config.json` (HF `EmuConfig` fields, or the diffusers config the checkpoint was made from).
 Every conversion rule is inverted exactly (transposes and reshapes only), so source -> convert ->
 export gives back the same bytes. Unlike the converter, export restores the whole params tree with
-`checkpointing.load_pretrained` first (host memory holds the model); it is not streaming.
+`checkpointing.load_pretrained` first (host memory holds the model); it is not streaming. `--src` may
+also be an LLM stage's training workdir; LoRA adapters (Emu v1 chat tuning) are merged into the
+weights they adapt, W + (alpha / rank) A B, and the written model has none.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -32,6 +35,7 @@ from emu2_jax.convert.diffusers import _SCANNED, _torch_stem
 from emu2_jax.convert.layouts import emu2_config_to_hf
 from emu2_jax.convert.llama import llama_entries
 from emu2_jax.convert.stream import _contiguous
+from emu2_jax.models import llama
 from emu2_jax.models.emu2 import Emu2Config
 
 
@@ -164,8 +168,15 @@ def export(src: str, dst: str, layout: str, *, max_shard_bytes: int = 5 << 30, o
     if layout == "hf" and ("unet" in config or "vae" in config):
         raise ValueError(f"--layout=hf writes Emu2 only; {src} also holds {sorted(set(config) - {'emu2'})}: use "
                          f"--layout=native or diffusers")
+    if "emu2" in config and config["emu2"].llm.lora_rank:  # Emu v1 chat tuning: adapters folded in
+        lora = config["emu2"].llm
+        params = {**params, "llm": llama.merge_lora(params["llm"], lora)}
+        config = {**config, "emu2": dataclasses.replace(config["emu2"],
+                                                        llm=dataclasses.replace(lora, lora_rank=0))}
+        print(f"export: LoRA adapters (rank {lora.lora_rank}, alpha {lora.lora_alpha:g}) merged into the weights")
     read = _leaf_reader(params)
-    saved = json.loads((pathlib.Path(src) / "emu2_jax_model.json").read_text())
+    model_file = pathlib.Path(src) / "emu2_jax_model.json"  # converted checkpoints; training runs have none
+    saved = json.loads(model_file.read_text()) if model_file.is_file() else {}
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     gen_file = layout == "native" and ("unet" in config or "vae" in config)

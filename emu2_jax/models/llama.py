@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import chex
@@ -328,6 +328,26 @@ def unstack_layers(params: dict[str, Any], *, donate: bool = False) -> dict[str,
 
     jax.tree_util.tree_map_with_path(split, params["layers"])
     return {**params, "layers": {str(i): tree for i, tree in enumerate(per_layer)}}
+
+
+def merge_lora(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, Any]:
+    """The decoder's params with every LoRA update folded into its kernel, W + (alpha / rank) A B, and
+    the adapters dropped: the weights of the same function at `lora_rank=0` (for export). Works on
+    the scanned layer stack (a leading layer axis on W, A and B) and on the serving layout."""
+    scale = config.lora_alpha / max(config.lora_rank, 1)
+    contract = lambda a, b: jnp.tensordot(a, b, axes=1)
+
+    def fold(node):
+        if not isinstance(node, Mapping):
+            return node
+        if "lora_a" not in node:
+            return {k: fold(v) for k, v in node.items()}
+        kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
+        stacked = kernel.ndim == a.ndim + b.ndim - 3
+        delta = jax.vmap(contract)(a, b) if stacked else contract(a, b)
+        return {"kernel": (kernel + scale * delta).astype(kernel.dtype)}
+
+    return fold(params)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, slots: int | None = None) -> dict[str, Any]:

@@ -92,3 +92,29 @@ def test_export_refusals(tmp_path, states):  # noqa: F811
         export(str(tmp_path / "jax"), str(tmp_path / "back"), "diffusers")
     export(str(tmp_path / "jax"), str(tmp_path / "back"), "diffusers", overwrite=True)
     _assert_same(_read_all(tmp_path / "back" / "vae"), states["vae"])
+
+
+def test_lora_training_run_exports_merged_weights(tmp_path):
+    """A training workdir with LoRA adapters exports as a plain model: no adapter keys, each adapted
+    projection W + (alpha / rank) A B (llama.merge_lora, checked against the adapted forward in
+    tests/models/test_llama.py)."""
+    import jax
+
+    from configs import stage2
+    from emu2_jax import checkpointing
+    from emu2_jax.models import llama
+
+    config = stage2.get_config("tiny")
+    config.model_overrides.llm = {"lora_rank": 2, "lora_alpha": 4.0}
+    run = cli.write_initial_checkpoint(tmp_path / "run", config)
+    model_config, params = checkpointing.load_pretrained(str(run))
+    assert model_config["emu2"].llm.lora_rank == 2
+    export(str(run), str(tmp_path / "back"), "native")
+    tensors = _read_all(tmp_path / "back")
+    assert not [k for k in tensors if "lora" in k]
+    merged = llama.merge_lora(jax.device_get(params["llm"]), model_config["emu2"].llm)
+    q = np.asarray(merged["layers"]["attn"]["q"]["kernel"][0])  # [D, heads, hd] -> torch [heads * hd, D]
+    np.testing.assert_array_equal(tensors["decoder.lm.model.layers.0.self_attn.q_proj.weight"],
+                                  q.reshape(q.shape[0], -1).T)
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert exported["hidden_size"] == model_config["emu2"].llm.hidden_size

@@ -10,6 +10,7 @@ import torch
 from flax import linen as nn
 
 from emu2_jax.convert.llama import convert_llama
+from emu2_jax.models import llama
 from emu2_jax.models.llama import LlamaConfig, LlamaDecoder, init_cache, unstack_layers
 from tests.torch_refs import hf_llama, state_dict_np
 
@@ -140,6 +141,12 @@ def test_lora_zero_and_merged():
     with_lora = forward(lora_config, params, tokens)
     assert np.max(np.abs(with_lora - forward(config, base_params, tokens))) > 1e-2
     assert np.max(np.abs(with_lora - forward(config, merged, tokens))) <= TOL
+    folded = llama.merge_lora(params, lora_config)  # what export writes
+    assert jax.tree.structure(folded) == jax.tree.structure(merged)
+    for ours, reference in zip(jax.tree.leaves(folded), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(ours, reference, atol=1e-6)
+    serving = llama.merge_lora(llama.unstack_layers(params), lora_config)["layers"]["1"]["attn"]["o"]["kernel"]
+    np.testing.assert_allclose(serving, merged["layers"]["attn"]["o"]["kernel"][1], atol=1e-6)
 
 
 def test_every_param_has_logical_axes():
