@@ -103,11 +103,11 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
     except ValueError as e:
         errors.append(str(e))
     else:
-        known = tasks.TASKS[config.task].components if config.task in tasks.TASKS else None
-        unknown = [c for names in sources.values() for c in names if known is not None and c not in known]
+        task = tasks.TASKS.get(config.task)  # an unknown task is reported where it is built
+        unknown = [c for names in sources.values() for c in names if task and c not in task.components]
         if unknown:
             errors.append(f"--config.init_components={config.init_components!r}: unknown component(s) {unknown} "
-                          f"of task {config.task!r} (it has {', '.join(known)})")
+                          f"of task {config.task!r} (it has {', '.join(task.components)})")
     return errors + pipeline.config_errors(config.data)
 
 

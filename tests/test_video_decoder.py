@@ -1,5 +1,6 @@
 """The video-decoder stage (configs/video_decoder.py): config, data path, training step, sampler GIFs
-and `python -m emu2_jax.autoencode --video`, on the tiny config."""
+`python -m emu2_jax.autoencode --video`, and the start from converted SD-2.1 and Emu2 weights (the 2D UNet
+inflated), on the tiny config."""
 import io
 import os
 import sys
