@@ -1,4 +1,4 @@
-"""The video-decoder stage (configs/video_decoder.py): config, data path, training step, sampler GIFs
+"""The video-decoder stage (configs/video_decoder.py): config, data path, training step, sampler GIFs,
 `python -m emu2_jax.autoencode --video`, and the start from converted SD-2.1 and Emu2 weights (the 2D UNet
 inflated), on the tiny config."""
 import io
