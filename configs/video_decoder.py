@@ -9,8 +9,13 @@ condition replaced by the zero-clip encoding 10% of the time (classifier-free gu
 `data.video_frames` frames `data.video_frame_stride` source frames apart at `data.decoder_image_size`.
 The UNet and the condition projection train; AdamW lr 5e-5 (the paper gives no further values).
 
+    python -m emu2_jax.convert --src=$SD21 --dst=$W/sd21                  # stabilityai/stable-diffusion-2-1
+    python -m emu2_jax.convert --src=$EMU2_GEN --dst=$W/emu2_gen          # Emu2 / Emu2-Gen: the encoder
     python -m emu2_jax.train --config=configs/video_decoder.py --workdir=$W/video \
-        --config.init_from=$CONVERTED --config.init_components=visual,vae,unet   # unet: SD 2.1 inflated
+        --config.init_from=$W/sd21 --config.init_components=unet,vae,visual=$W/emu2_gen
+
+The 2D SD-2.1 UNet is inflated into the 3D one as it loads: its spatial weights are read, the
+temporal layers keep their identity initialisation (logged with counts; docs/model.md#video-decoder).
     python -m emu2_jax.train --config=configs/video_decoder.py:tiny --workdir=/tmp/video   # CPU, minutes
     python -m emu2_jax.autoencode --checkpoint=/tmp/video --video=clip.gif --out=out.gif
 
@@ -40,7 +45,7 @@ def get_config(arg=None):
     c.trainable = ("unet", "cond_proj")
     if not tiny:  # automatic plans (emu2_jax.plan) model the LLM stages; pods pass mesh_shape / grad_accum_steps
         c.mesh_shape, c.grad_accum_steps, c.model_overrides.remat_policy = (1, -1, 1), 1, "full"
-    c.init_components = "visual,vae,unet"
+    c.init_components = "visual,vae,unet"  # from init_from; `name=PATH` entries name their own source
     c.text_loss_weight = c.image_loss_weight = 0.0  # unused: the loss is the denoising MSE
     c.data.video_frames = 16              # frames per clip
     c.data.video_frame_stride = 2         # source frames between consecutive clip frames

@@ -18,7 +18,8 @@ digest or holds a NaN/Inf raises CorruptCheckpointError with one line naming the
 Converted weights (`--config.init_from=DIR`) are a params-only checkpoint written by `save_params`:
 an Orbax PyTree checkpoint of the plain params dict, `{component: subtree}` with components from
 `emu2_jax.models.emu2.COMPONENTS` (any subset), laid out exactly like `Emu2Model`'s params.
-`load_params` also accepts a training workdir (or its `checkpoints/` folder): its latest step's params.
+`load_params` also accepts a training workdir (or its `checkpoints/` folder): its latest step's params,
+and loads a 3D video `unet` from a 2D one (SD 2.1) by inflating it (`unet3d.inflate_params`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
+
+from emu2_jax.models import unet3d
 
 PyTree = Any
 CHECKPOINTS = "checkpoints"
@@ -326,12 +330,23 @@ def load_pretrained(path: str, mesh: jax.sharding.Mesh | None = None) -> tuple[d
     return model_config, load_params(str(root), abstract, list(saved))
 
 
-def load_params(path: str, abstract_params: Mapping[str, Any], components: Sequence[str]) -> dict[str, Any]:
+def _inflates_unet(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether a 3D `unet` (it has temporal params) is to be loaded from a 2D one (it has none)."""
+    return (any(unet3d.is_temporal(p) for p in traverse_util.flatten_dict(dict(wanted)))
+            and not any(unet3d.is_temporal(p) for p in traverse_util.flatten_dict(dict(saved))))
+
+
+def load_params(path: str, abstract_params: Mapping[str, Any], components: Sequence[str],
+                fresh_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Restores the given top-level components of a params-only checkpoint (or of a training run).
 
     abstract_params: the model's params as ShapeDtypeStructs with shardings; the returned subtrees
     follow them. A vision position table saved for another resolution (Emu2 stage 1 at 224 px, then
     448 px) is resized; any other shape difference is an error naming the parameter.
+    fresh_params: the model's freshly initialised params. With them, a 3D (video) `unet` loads from a
+    checkpoint's 2D UNet of the same topology (SD 2.1): the spatial weights are read and the
+    temporal ones kept from `fresh_params` (`unet3d.inflate_params`; they start as the identity).
+    Any other missing parameter is an error naming it.
     """
     directory, prefix = _params_source(epath.Path(path).absolute())
     checkpointer = ocp.PyTreeCheckpointer()
@@ -342,6 +357,10 @@ def load_params(path: str, abstract_params: Mapping[str, Any], components: Seque
                          f"choose the ones to load with --config.init_components")
 
     wanted = {c: abstract_params[c] for c in components}
+    inflate = fresh_params is not None and "unet" in wanted and _inflates_unet(saved["unet"], wanted["unet"])
+    if inflate:  # Only the spatial params are read; the temporal ones come from fresh_params below.
+        flat = traverse_util.flatten_dict(dict(wanted["unet"]))
+        wanted["unet"] = traverse_util.unflatten_dict({p: v for p, v in flat.items() if not unet3d.is_temporal(p)})
     resized: dict[tuple, jax.ShapeDtypeStruct] = {}
 
     def target(path_keys, want):
@@ -361,6 +380,11 @@ def load_params(path: str, abstract_params: Mapping[str, Any], components: Seque
                          f"the checkpoint, the model expects {tuple(want.shape)}")
 
     item = jax.tree_util.tree_map_with_path(target, wanted)
+    if inflate:  # every spatial param is there (`target`); a 2D param the 3D UNet lacks is a topology mismatch
+        try:
+            unet3d.check_inflatable(saved["unet"], abstract_params["unet"])
+        except ValueError as e:
+            raise ValueError(f"init_from={path}: unet: {e}") from None
     for key in reversed(prefix):
         item = {key: item}
     restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
@@ -373,6 +397,13 @@ def load_params(path: str, abstract_params: Mapping[str, Any], components: Seque
             node = node[k]
         logging.info("init_from: resizing %s %s -> %s", "/".join(keys), node[keys[-1]].shape, want.shape)
         node[keys[-1]] = jax.device_put(_resize_pos_embed(node[keys[-1]], want.shape[1]), want.sharding)
+    if inflate:
+        restored["unet"] = unet3d.inflate_params(restored["unet"], fresh_params["unet"])
+        spatial = jax.tree.leaves(wanted["unet"])
+        temporal = [x for p, x in traverse_util.flatten_dict(restored["unet"]).items() if unet3d.is_temporal(p)]
+        logging.info("init_from: inflated the 2D UNet of %s into the 3D unet: %d spatial params (%d values) "
+                     "loaded, %d temporal params (%d values) kept at their initialisation (identity)",
+                     path, len(spatial), sum(x.size for x in spatial), len(temporal), sum(x.size for x in temporal))
     return restored
 
 

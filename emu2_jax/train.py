@@ -65,12 +65,50 @@ _MIN_VALUES = (("total_steps", 1), ("global_batch_size", 1), ("grad_accum_steps"
                ("checkpoint_every_steps", 1), ("sample_every_steps", 0), ("max_consecutive_nonfinite", 1))
 
 
+def init_sources(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+    """{checkpoint path: the components loaded from it} of `init_components`, whose comma-separated
+    entries are `name` (loaded from `init_from`) or `name=PATH` (from PATH): a video decoder takes
+    `unet` and `vae` from SD 2.1 and `visual` from Emu2. Empty when nothing is loaded (no `init_from`
+    and no entry with a path: a fresh start, whatever the config's default components).
+    Raises ValueError (one line naming the field and the entry) on a malformed entry.
+    """
+    entries = [e.strip() for e in config.init_components.split(",") if e.strip()]
+    if not config.init_from and not any("=" in e for e in entries):
+        return {}
+    sources: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for entry in entries:
+        name, has_path, path = (part.strip() for part in entry.partition("="))
+        where = f"--config.init_components={config.init_components!r}: entry {entry!r}"
+        if not name:
+            raise ValueError(f"{where} names no component")
+        if has_path and not path:
+            raise ValueError(f"{where} has an empty path (name=PATH)")
+        if not has_path and not config.init_from:
+            raise ValueError(f"{where} has no path and --config.init_from is empty; write {name}=PATH")
+        if name in seen:
+            raise ValueError(f"{where}: {name!r} is given twice")
+        seen.add(name)
+        sources.setdefault(path or config.init_from, []).append(name)
+    return sources
+
+
 def validate_config(config: ml_collections.ConfigDict) -> list[str]:
     """One line per invalid field, naming it (as a command-line override) and its allowed values."""
     errors = [f"--config.{name}={config[name]}: must be an integer >= {low}"
               for name, low in _MIN_VALUES if not isinstance(config[name], int) or config[name] < low]
     if config.nonfinite not in ("skip", "stop"):
         errors.append(f"--config.nonfinite={config.nonfinite!r}: must be 'skip' or 'stop'")
+    try:
+        sources = init_sources(config)
+    except ValueError as e:
+        errors.append(str(e))
+    else:
+        task = tasks.TASKS.get(config.task)  # an unknown task is reported where it is built
+        unknown = [c for names in sources.values() for c in names if task and c not in task.components]
+        if unknown:
+            errors.append(f"--config.init_components={config.init_components!r}: unknown component(s) {unknown} "
+                          f"of task {config.task!r} (it has {', '.join(task.components)})")
     return errors + pipeline.config_errors(config.data)
 
 
@@ -239,17 +277,21 @@ def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
 
 
 def init_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
-    """A fresh state at step 0: random parameters, or `init_from`'s for `init_components`."""
+    """A fresh state at step 0: random parameters, those of `init_components` loaded (`init_sources`)."""
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), trainer.task.dummy_batch(1))
     init = jax.jit(lambda rng: nn.unbox(trainer.model.init(rng, zeros))["params"],
                    out_shardings=trainer.param_shardings)
     params = init(jax.random.key(config.seed))
-    if config.init_from:
-        components = [c.strip() for c in config.init_components.split(",") if c.strip()]
-        params = {**params, **checkpointing.load_params(config.init_from, trainer.abstract_state.params,
-                                                        components)}
-        fresh = [c for c in params if c not in components]
-        logging.info("Starting at step 0 from %s (loaded: %s%s).", config.init_from, ", ".join(components),
+    sources = init_sources(config)
+    if sources:
+        for path, components in sources.items():
+            # The fresh params go along: a video UNet inflated from a 2D one keeps their temporal layers.
+            params = {**params, **checkpointing.load_params(path, trainer.abstract_state.params, components,
+                                                            fresh_params=params)}
+        loaded = [c for components in sources.values() for c in components]
+        fresh = [c for c in params if c not in loaded]
+        logging.info("Starting at step 0 from %s%s.",
+                     "; ".join(f"{path} ({', '.join(components)})" for path, components in sources.items()),
                      f"; freshly initialised: {', '.join(fresh)}" if fresh else "")
     else:
         logging.info("Starting from scratch at step 0 (random initialisation, seed %d).", config.seed)

@@ -390,6 +390,8 @@ def test_a_streak_of_skipped_steps_stops_the_run(tmp_path):
     (["--config.checkpoint_every_steps=0"], "--config.checkpoint_every_steps=0: must be an integer >= 1"),
     (["--config.max_consecutive_nonfinite=0"], "--config.max_consecutive_nonfinite=0: must be an integer >= 1"),
     (["--config.nonfinite=ignore"], "--config.nonfinite='ignore': must be 'skip' or 'stop'"),
+    (["--config.init_from=/ckpt/emu2", "--config.init_components=visual,nosuch"],
+     "--config.init_components='visual,nosuch': unknown component(s) ['nosuch'] of task 'llm'"),
     (["--config.total_stepz=5"], "--config.total_stepz: no such field in configs/stage1.py:tiny"),
     (["--config.data.nosuch=5"], "--config.data.nosuch: no such field in configs/stage1.py:tiny"),
     (["--config.data.sources.pairs.paths=/data/laion-{000..009}.tar"],

@@ -1,19 +1,28 @@
-"""The video-decoder stage (configs/video_decoder.py): config, data path, training step, sampler GIFs
-and `python -m emu2_jax.autoencode --video`, on the tiny config."""
+"""The video-decoder stage (configs/video_decoder.py): config, data path, training step, sampler GIFs,
+`python -m emu2_jax.autoencode --video`, and the start from converted SD-2.1 and Emu2 weights (the 2D UNet
+inflated), on the tiny config."""
 import io
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from configs import gen, video_decoder
-from emu2_jax import autoencode, metrics, tasks, train, video_io
+from emu2_jax import autoencode, checkpointing, metrics, tasks, train, video_io
+from emu2_jax.convert.__main__ import convert
 from emu2_jax.data import layout, records
+from emu2_jax.models import unet as unet_lib
+from emu2_jax.models import unet3d as unet3d_lib
 from emu2_jax.tasks import video_decoder as video_task
 from tests import cli, tb_events
+from tests.models.test_unet import torch_unet
+from tests.models.test_unet3d import TINY_SD21_DIFFUSERS
+from tests.models.test_vae import TINY_VAE_DIFFUSERS, torch_vae
 
 
 def test_configs_build():
@@ -78,6 +87,139 @@ def test_train_step_trains_unet_and_projection_only():
     for component in ("unet", "cond_proj"):
         assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final[component]),
                                                              jax.tree.leaves(initial[component]))), component
+
+
+@pytest.fixture(scope="module")
+def sd21_start(tmp_path_factory):
+    """What `--config.init_from=$SD21 --config.init_components=unet,vae,visual=$EMU2` reads, built as a
+    user would: a diffusers SD-2.1-style folder (2D `unet/`, `vae/`; the tiny video preset's spatial
+    topology) converted by `python -m emu2_jax.convert`, and a params-only checkpoint holding `visual`.
+    Returns (config, trainer on a 2-device FSDP mesh, the converted 2D params, the saved visual)."""
+    root = tmp_path_factory.mktemp("sd21_start")
+    torch_unet(dict(TINY_SD21_DIFFUSERS, cross_attention_dim=64), seed=1).save_pretrained(root / "sd21" / "unet")
+    torch_vae(TINY_VAE_DIFFUSERS, seed=2).save_pretrained(root / "sd21" / "vae")
+    convert(str(root / "sd21"), str(root / "sd21_jax"), log=lambda _: None)
+    _, converted = checkpointing.load_pretrained(str(root / "sd21_jax"))
+
+    config = video_decoder.get_config("tiny")
+    config.mesh_shape = (1, -1, 1)  # FSDP over 2 devices: the loaded params must land split as the model says
+    trainer = train.create_trainer(config, devices=jax.devices()[:2])
+    rng = np.random.default_rng(3)
+    visual = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
+                          trainer.abstract_state.params["visual"])
+    checkpointing.save_params(root / "emu2", {"visual": visual})
+    config.init_from = str(root / "sd21_jax")
+    config.init_components = f"unet,vae,visual={root / 'emu2'}"
+    return config, trainer, converted, visual
+
+
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def test_video_unet_is_inflated_from_a_converted_2d_unet(sd21_start, caplog, monkeypatch):
+    config, trainer, converted, visual = sd21_start
+    assert train.validate_config(config) == []
+    # init_state's own fresh init as it hands it to the loader (another init of the model: a minute on CPU).
+    handed = []
+    load_params = checkpointing.load_params
+
+    def spy(*args, fresh_params=None):
+        handed.append(jax.device_get(fresh_params))
+        return load_params(*args, fresh_params=fresh_params)
+
+    monkeypatch.setattr(checkpointing, "load_params", spy)
+    with caplog.at_level("INFO"):
+        params = train.init_state(trainer, config).params
+    assert len(handed) == 2  # one load per checkpoint: init_from (unet, vae) first, nothing loaded before it
+    fresh = handed[0]["unet"]
+
+    unet, unet_2d, unet_fresh = _flat(params["unet"]), _flat(converted["unet"]), _flat(fresh)
+    temporal = sorted(set(unet) - set(unet_2d))
+    assert temporal and all(unet3d_lib.is_temporal(p) for p in temporal)
+    assert not any(unet3d_lib.is_temporal(p) for p in unet_2d)
+    for p, value in unet_2d.items():  # spatial: exactly the 2D UNet's
+        np.testing.assert_array_equal(unet[p], value, err_msg="/".join(p))
+    for p in temporal:  # temporal: the fresh init
+        np.testing.assert_array_equal(unet[p], unet_fresh[p], err_msg="/".join(p))
+    assert any(np.std(unet_fresh[p]) > 0 for p in temporal)  # random values: the comparison bites
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["vae"]), jax.device_get(converted["vae"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["visual"]), visual)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["cond_proj"]), handed[0]["cond_proj"])
+    # Placed as the model's shardings say (restored onto them, not gathered), some split over both devices.
+    shardings = jax.tree.leaves(trainer.param_shardings)
+    assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(params), shardings))
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(params["unet"]))
+    sizes = lambda paths: sum(unet[p].size for p in paths)  # noqa: E731
+    assert (f"{len(unet_2d)} spatial params ({sizes(unet_2d)} values) loaded, {len(temporal)} temporal params "
+            f"({sizes(temporal)} values) kept at their initialisation") in caplog.text
+    assert f"{config.init_from} (unet, vae); {config.init_components.split('=')[1]} (visual); freshly " \
+           f"initialised: cond_proj." in caplog.text
+
+    # At step 0 the video UNet is the 2D UNet on every frame.
+    unet_cfg = trainer.model_cfg.unet
+    batch, frames, size = 2, config.data.video_frames, 8
+    sample = jax.random.normal(jax.random.key(1), (batch, frames, size, size, 4))
+    context = jax.random.normal(jax.random.key(2), (batch, 5, unet_cfg.unet.cross_attention_dim))
+    timesteps = jnp.array([999.0, 10.0])
+    out = jax.jit(unet3d_lib.UNet3D(unet_cfg).apply)({"params": params["unet"]}, sample, timesteps, context)
+    ref = jax.jit(unet_lib.UNet(unet_cfg.unet).apply)(
+        {"params": converted["unet"]}, sample.reshape(batch * frames, size, size, 4),
+        jnp.repeat(timesteps, frames), jnp.repeat(context, frames, axis=0))
+    out, ref = np.asarray(out).reshape(ref.shape), np.asarray(ref)
+    assert np.abs(ref).mean() > 0.1
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+def test_missing_spatial_or_temporal_params_are_still_errors(sd21_start, tmp_path):
+    config, trainer, converted, _ = sd21_start
+    abstract = trainer.abstract_state.params
+    fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), abstract)
+    unet_2d = _flat(converted["unet"])
+    del unet_2d[("conv_in", "kernel")]
+    checkpointing.save_params(tmp_path / "no_conv_in", {"unet": traverse_util.unflatten_dict(unet_2d)})
+    with pytest.raises(ValueError, match=r"^init_from=\S+no_conv_in: parameter unet/conv_in/kernel is missing in "
+                                         r"the checkpoint$"):
+        checkpointing.load_params(str(tmp_path / "no_conv_in"), abstract, ["unet"], fresh_params=fresh)
+    # A 3D checkpoint short of one temporal param is not a 2D one: nothing is inflated.
+    unet_3d = _flat(fresh["unet"])
+    del unet_3d[("transformer_in", "proj_out", "kernel")]
+    checkpointing.save_params(tmp_path / "no_proj_out", {"unet": traverse_util.unflatten_dict(unet_3d)})
+    with pytest.raises(ValueError, match="parameter unet/transformer_in/proj_out/kernel is missing"):
+        checkpointing.load_params(str(tmp_path / "no_proj_out"), abstract, ["unet"], fresh_params=fresh)
+    # A 2D UNet of another topology (a param the 3D UNet lacks) is refused, naming the param.
+    extra = _flat(converted["unet"])
+    extra[("add_embedding", "kernel")] = np.zeros((2, 2), np.float32)
+    checkpointing.save_params(tmp_path / "extra", {"unet": traverse_util.unflatten_dict(extra)})
+    with pytest.raises(ValueError, match="unet: 2D UNet param add_embedding/kernel has no place in the 3D UNet"):
+        checkpointing.load_params(str(tmp_path / "extra"), abstract, ["unet"], fresh_params=fresh)
+    # Without the fresh params (`load_pretrained`) a 2D UNet does not inflate: temporal params are missing.
+    with pytest.raises(ValueError, match=r"parameter unet/\S*(temp_|transformer_in)\S* is missing in the"):
+        checkpointing.load_params(config.init_from, abstract, ["unet"])
+
+
+@pytest.mark.parametrize("init_from, components, expected", [
+    ("/ckpt/sd21", "unet,vae,visual=", "entry 'visual=' has an empty path (name=PATH)"),
+    ("/ckpt/sd21", "unet,vae,nosuch", "unknown component(s) ['nosuch'] of task 'video_decoder' "
+                                      "(it has visual, cond_proj, unet, vae)"),
+    ("/ckpt/sd21", "unet,=/ckpt/emu2", "entry '=/ckpt/emu2' names no component"),
+    ("/ckpt/sd21", "unet,unet=/ckpt/other", "entry 'unet=/ckpt/other': 'unet' is given twice"),
+    ("", "unet,visual=/ckpt/emu2", "entry 'unet' has no path and --config.init_from is empty; write unet=PATH"),
+])
+def test_bad_init_components_are_one_line_errors(init_from, components, expected):
+    config = video_decoder.get_config("tiny")
+    config.init_from, config.init_components = init_from, components
+    assert train.validate_config(config) == [f"--config.init_components={components!r}: {expected}"]
+
+
+def test_init_sources_group_components_by_checkpoint():
+    config = video_decoder.get_config("tiny")
+    config.init_from, config.init_components = "/ckpt/sd21", " unet , vae,visual = /ckpt/emu2 "
+    assert train.init_sources(config) == {"/ckpt/sd21": ["unet", "vae"], "/ckpt/emu2": ["visual"]}
+    config.init_from, config.init_components = "", "unet,vae"  # the config's defaults, nothing to load from
+    assert train.init_sources(config) == {}
+    config.init_components = "visual=/ckpt/emu2"
+    assert train.init_sources(config) == {"/ckpt/emu2": ["visual"]}
 
 
 @pytest.fixture(scope="module")

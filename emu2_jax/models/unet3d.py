@@ -14,7 +14,7 @@ and [B, F, H, W, C] for the temporal ones. Parameter names follow diffusers' mod
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import chex
@@ -310,21 +310,36 @@ def init_unet3d(config: UNet3DConfig, rng: jax.Array) -> dict[str, Any]:
     return nn.unbox(UNet3D(config).init(rng, **unet3d_dummy_inputs(config))["params"])
 
 
-def inflate_params(params_2d: Mapping[str, Any], params_3d: Mapping[str, Any]) -> dict[str, Any]:
-    """3D params whose spatial weights are `params_2d` (a converted `UNet` of the same topology) and
-    whose temporal weights are those of `params_3d` (a fresh init: identity at start).
+def is_temporal(path: Sequence[Any]) -> bool:
+    """Whether the param at `path` (keys inside `UNet3D`'s params) belongs to a temporal layer: the
+    layers a 2D UNet lacks, which start as the identity."""
+    return any(str(key).startswith(("temp_", "transformer_in")) for key in path)
 
-    Every 2D leaf must land on a 3D leaf of the same shape; the only 3D leaves left over are temporal.
-    """
+
+def check_inflatable(params_2d: Mapping[str, Any], params_3d: Mapping[str, Any]) -> None:
+    """Raises ValueError (one line) unless `params_2d` inflate into `params_3d`: every 2D leaf lands on a
+    3D leaf of the same shape, and the 3D leaves left over are all temporal. Leaves need only a
+    `.shape`, so checkpoint metadata and abstract params are checked before any weight is read."""
     flat2 = traverse_util.flatten_dict(dict(params_2d))
     flat3 = traverse_util.flatten_dict(dict(params_3d))
     for path, leaf in flat2.items():
         if path not in flat3:
             raise ValueError(f"2D UNet param {'/'.join(path)} has no place in the 3D UNet")
-        if flat3[path].shape != leaf.shape:
-            raise ValueError(f"2D UNet param {'/'.join(path)} {leaf.shape} != 3D {flat3[path].shape}")
-    leftover = [p for p in flat3 if p not in flat2
-                and not any(n.startswith(("temp_", "transformer_in")) for n in p)]
+        if tuple(flat3[path].shape) != tuple(leaf.shape):
+            raise ValueError(f"2D UNet param {'/'.join(path)} {tuple(leaf.shape)} != 3D {tuple(flat3[path].shape)}")
+    leftover = [p for p in flat3 if p not in flat2 and not is_temporal(p)]
     if leftover:
         raise ValueError(f"3D UNet params not covered by the 2D UNet: {['/'.join(p) for p in leftover[:5]]}")
+
+
+def inflate_params(params_2d: Mapping[str, Any], params_3d: Mapping[str, Any]) -> dict[str, Any]:
+    """3D params whose spatial weights are `params_2d` (a converted `UNet` of the same topology) and
+    whose temporal weights are those of `params_3d` (a fresh init: identity at start).
+
+    Raises ValueError where `check_inflatable` does. The arrays are used as they are (cast to the 3D
+    dtype if it differs), so sharded inputs stay sharded.
+    """
+    check_inflatable(params_2d, params_3d)
+    flat3 = traverse_util.flatten_dict(dict(params_3d))
+    flat2 = traverse_util.flatten_dict(dict(params_2d))
     return traverse_util.unflatten_dict({**flat3, **{p: jnp.asarray(v, flat3[p].dtype) for p, v in flat2.items()}})

@@ -31,6 +31,10 @@ class Task(Protocol):
     batch_layout: layout.Layout        # names, shapes and dtypes of the batch (its keys are fed)
     metric_names: tuple[str, ...]      # the loss parts `micro_loss` returns, summed over microbatches
 
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict) -> Task:
+        """The stage's task for `config`."""
+
     def dummy_batch(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shape structs of a batch of `rows` rows (abstract init, AOT)."""
 
@@ -56,10 +60,11 @@ class Task(Protocol):
         writes), or None when the stage has none."""
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
-    "llm": llm.LlmTask.create,
-    "decoder": decoder.DecoderTask.create,
-    "video_decoder": video_decoder.VideoDecoderTask.create,
+# Classes, not instances: their `components` are known before a model is built (config checks).
+TASKS: dict[str, type[Task]] = {
+    "llm": llm.LlmTask,
+    "decoder": decoder.DecoderTask,
+    "video_decoder": video_decoder.VideoDecoderTask,
 }
 
 
@@ -67,4 +72,4 @@ def create(config: ml_collections.ConfigDict) -> Task:
     """The task that `config.task` names."""
     if config.task not in TASKS:
         raise ValueError(f"task={config.task!r}; known: {sorted(TASKS)}")
-    return TASKS[config.task](config)
+    return TASKS[config.task].create(config)
