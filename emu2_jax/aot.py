@@ -157,6 +157,11 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
     lines.append(f"roofline at {chip.peak_tflops:.0f} TFLOP/s and {chip.hbm_gbps:.0f} GB/s per chip (no "
                  f"collectives): step {r['roofline_step_s']:.3f} s"
                  + (f", MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+    if "exposed_s" in r:
+        lines.append(f"communication (emu2_jax.plan's model, not measured): {r['communication_s']:.2f} s per step "
+                     f"at {chip.ici_gbps:.0f} GB/s ICI, {r['exposed_s']:.2f} s of it not overlapped with compute "
+                     f"(the first layer's gather of each microbatch, the closing all-reduce): MFU with communication "
+                     f"{r['mfu_with_communication']:.1%}")
     lines.append(f"fits={str(r['fits']).lower()} hbm_per_chip_gib={r['hbm_per_chip_gib']:.2f} "
                  f"flops_ratio={r.get('flops_ratio', float('nan')):.3f}")
     return "\n".join(lines)
@@ -258,7 +263,13 @@ def main(argv) -> None:
                  f"({trainer.num_trainable / 1e9:.2f}B trainable), remat {config.model_overrides.remat_policy}; "
                  f"batch {config.global_batch_size} rows" + (f" x {config.seq_len} tokens" if "tokens" in
                  layout.keys(trainer.task.batch_layout) else "") + f" in {config.grad_accum_steps} microbatches")
-        print(format_report(title, report(compiled, chip, chips, program, analytic), chip, chips), flush=True)
+        result = report(compiled, chip, chips, program, analytic)
+        if hasattr(trainer.model_cfg, "llm"):  # emu2_jax.plan's communication model (LLM stages)
+            [model] = plan_lib.score(config, devices, chip)
+            result.update(communication_s=model.communication_s, exposed_s=model.exposed_s,
+                          mfu_with_communication=metrics.mfu(analytic, result["roofline_step_s"] + model.exposed_s,
+                                                             chip.peak_tflops * 1e12, chips))
+        print(format_report(title, result, chip, chips), flush=True)
         return
     batch_size = _INFER_BATCH.value or sh.batch_shards(sh.create_mesh(config.mesh_shape, devices),
                                                        sh.rules_with_overrides(config.sharding_rules))

@@ -19,11 +19,13 @@ Each is scored by an analytic model:
   tensors the remat policy keeps x KEPT_FACTOR; one layer's recompute working set, the chunked loss
   and the encoder x WORKING_FACTOR) + FIXED_GIB, the factors calibrated against XLA:TPU's
   `memory_analysis` of the 37B stages (tests/test_plan.py compares plans with compiled ones);
-- step time = max(compute, communication): the task's analytic FLOPs x the policy's recompute
-  factor at the chips' peak; the FSDP all-gathers (forward and backward, compute dtype) and
-  gradient reduce-scatters (float32) of every microbatch plus the data-parallel all-reduce, at the
-  chip's ICI bandwidth. Collectives are assumed to overlap with compute (XLA's latency-hiding
-  scheduler prefetches the next layer's weights), so only communication beyond compute is exposed.
+- step time = compute + exposed communication. Compute: the task's analytic FLOPs x the policy's
+  recompute factor at the chips' peak. Communication: the FSDP all-gathers (forward and backward,
+  compute dtype) and gradient reduce-scatters (float32) of every microbatch plus the data-parallel
+  all-reduce, at the chip's ICI bandwidth. Assumed overlap: XLA's latency-hiding scheduler
+  prefetches the next layer's weights behind the current layer's compute, so what is exposed is
+  each microbatch's first-layer gather, the closing all-reduce, and any communication beyond the
+  compute.
 
 The chosen plan is the fastest whose memory is at most HEADROOM x HBM; ties go to fewer microbatches.
 """
@@ -105,15 +107,16 @@ class Plan:
     activation_gib: float
     memory_gib: float             # estimated peak per chip
     compute_s: float
-    communication_s: float
-    step_s: float
+    communication_s: float        # all collectives of a step at the chip's ICI bandwidth
+    exposed_s: float              # the part not overlapped with compute
+    step_s: float                 # compute + exposed
 
     def describe(self) -> str:
         return (f"mesh (data, fsdp, tensor) = {self.mesh_shape}, grad_accum_steps {self.grad_accum_steps} "
                 f"({self.rows_per_chip} rows per chip per microbatch), remat {self.remat_policy}; estimated "
                 f"{self.memory_gib:.1f} GiB per chip (state {self.state_gib:.1f} + batch {self.batch_gib:.1f} + "
                 f"activations {self.activation_gib:.1f}), step {self.step_s:.2f} s (compute {self.compute_s:.2f} s, "
-                f"communication {self.communication_s:.2f} s)")
+                f"communication {self.communication_s:.2f} s of which {self.exposed_s:.2f} s exposed)")
 
 
 def _divisors(n: int) -> list[int]:
@@ -257,10 +260,15 @@ def score(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chip
         compute = flops * RECOMPUTE[remat] / (chips * chip.peak_tflops * 1e12) if chip else 0.0
         gather = (fsdp - 1) / fsdp * (2 * llm_params * cb + trainable_params * 4) / tensor
         all_reduce = 2 * (data - 1) / data * trainable_params * 4 / (fsdp * tensor)
-        comm = (steps * gather + all_reduce) / (chip.ici_gbps * 1e9) if chip else 0.0
+        bandwidth = chip.ici_gbps * 1e9 if chip else math.inf
+        comm = (steps * gather + all_reduce) / bandwidth
+        # Exposed: each microbatch's first layer gather (nothing to hide it behind), the closing
+        # data-parallel all-reduce, and whatever of the rest outlasts the compute.
+        first = steps * gather / task.model_cfg.llm.num_layers / bandwidth
+        exposed = first + all_reduce / bandwidth + max(0.0, comm - first - all_reduce / bandwidth - compute)
         plans.append(Plan(tuple(mesh_shape), steps, remat, rows, states[mesh_shape] / GIB,
-                          batch_bytes / (data * fsdp) / GIB, act / GIB, memory / GIB, compute, comm,
-                          max(compute, comm)))
+                          batch_bytes / (data * fsdp) / GIB, act / GIB, memory / GIB, compute, comm, exposed,
+                          compute + exposed))
     return plans
 
 
