@@ -6,9 +6,13 @@ embedded dataset, the tiny model, its row geometry):
   consumption:  examples/s that the jitted train step of `emu2_jax.train` (forward + backward +
                 AdamW update) gets through, on batches taken from the same pipeline beforehand
                 (so no data work overlaps it), after its compilation.
+and, for a pod host, the same pipeline at the paper's 448 px: images/s on this one process (one
+core), and from it the cores a host needs to keep stage 2's full-size step fed (`--step_seconds`,
+default: the roofline step `python -m emu2_jax.aot --config=configs/stage2.py --topology=v5p-128`
+prints; `--hosts`: 16 hosts of 4 chips for v5p-128).
 The last line is `ratio=<pipeline/consumption>`: above 1 the input pipeline keeps up.
 
-    python benchmarks/data_throughput.py [--batches=40] [--steps=10] [--workers=0]
+    python benchmarks/data_throughput.py [--batches=40] [--steps=10] [--workers=0] [--hires_batches=10]
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="train steps timed")
     parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
     parser.add_argument("--cache_dir", default="", help="TFDS cache ('' = a temp dir, removed after)")
+    parser.add_argument("--hires_batches", type=int, default=10, help="batches timed at 448 px")
+    parser.add_argument("--step_seconds", type=float, default=475.65, help="full-size stage-2 step (aot)")
+    parser.add_argument("--hosts", type=int, default=16, help="hosts of the pod slice (v5p-128: 16)")
     args = parser.parse_args()
     if args.cache_dir:
         run(args, args.cache_dir)
@@ -52,10 +59,10 @@ def run(args: argparse.Namespace, cache_dir: str) -> None:
     tokenizer = llm_task.load_tokenizer(config, trainer.model_cfg)
     rows = config.global_batch_size
 
-    def make_iterator():
+    def make_iterator(image_size: int = trainer.model_cfg.vision.image_size):
         return pipeline.create_train_iterator(
             config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=rows,
-            image_size=trainer.model_cfg.vision.image_size, n_query=trainer.model_cfg.n_query,
+            image_size=image_size, n_query=trainer.model_cfg.n_query,
             v_query=trainer.model_cfg.v_query, max_images_per_row=config.max_images_per_row,
             seed=config.seed)
 
@@ -94,6 +101,19 @@ def run(args: argparse.Namespace, cache_dir: str) -> None:
           f"batches/s over {args.batches} batches)")
     print(f"consumption: {consumption_eps:8.1f} examples/s  ({1 / step_seconds:.1f} train steps/s "
           f"over {args.steps} steps)")
+    # A pod host: the same mixture decoded, augmented and resized to 448 px, on this one process.
+    hires = make_iterator(448)
+    next(hires)
+    start = time.perf_counter()
+    images = sum(int(np.sum(next(hires)["image_valid"])) for _ in range(args.hires_batches))
+    hires_seconds = time.perf_counter() - start
+    hires.close()
+    per_core = images / hires_seconds
+    per_row = images / (args.hires_batches * rows)
+    needed = stage2.get_config().global_batch_size * per_row / args.hosts / args.step_seconds
+    print(f"pipeline at 448 px: {per_core:8.1f} images/s on one core ({per_row:.2f} images per row); a stage-2 "
+          f"step of {args.step_seconds:.0f} s over {args.hosts} hosts needs {needed:.1f} images/s per host = "
+          f"{needed / per_core:.2f} cores")
     print(f"ratio={pipeline_eps / consumption_eps:.2f}")
 
 
