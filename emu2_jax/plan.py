@@ -27,7 +27,8 @@ Each is scored by an analytic model:
   each microbatch's first-layer gather, the closing all-reduce, and any communication beyond the
   compute.
 
-The chosen plan is the fastest whose memory is at most HEADROOM x HBM; ties go to fewer microbatches.
+The chosen plan is the fastest whose memory is at most HEADROOM x HBM; estimates within 1% of the
+fastest are ties, going to fewer microbatches, then to less memory.
 """
 from __future__ import annotations
 
@@ -46,10 +47,12 @@ from emu2_jax import sharding as sh
 
 GIB = 2 ** 30
 AUTO = "auto"
+NEAR_TIE = 1.01          # step estimates this close are ties
 HEADROOM = 0.85          # of HBM: XLA's own buffers, fragmentation, the data pipeline's prefetch
 # Calibration against XLA:TPU's memory_analysis of five compiled 37B steps (remat full: the four
 # stages of the README's fits table on v5p-256, and stage 2 on v5p-128 at (1, 32, 2) x 145): the
-# estimate is 1.00-1.37x the compiled peak, never below. XLA keeps each saved residual 2-3 times
+# estimate is 1.00-1.37x the compiled peak, never below. Not calibrated for data > 1: stage 2 at
+# (2, 8, 4) x 290 on v5p-128 was estimated at 74.8 GiB and compiled at 87.7 (HEADROOM covers it). XLA keeps each saved residual 2-3 times
 # over (float32 and compute-dtype copies, the scan's stacked carries).
 KEPT_FACTOR = 2.65
 WORKING_FACTOR = 0.9
@@ -288,7 +291,12 @@ def choose(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chi
         raise ValueError(f"no plan fits {len(devices)} x {chip.platform} ({chip.hbm_gib:.0f} GiB HBM, "
                          f"{HEADROOM:.0%} usable): the smallest, {smallest.describe()}; use more chips or a smaller "
                          f"global_batch_size")
-    best = min(fitting, key=lambda p: (round(p.step_s, 6), p.grad_accum_steps, REMAT_POLICIES.index(p.remat_policy)))
+    # Step estimates within NEAR_TIE of the fastest count as equal (the model is not finer than
+    # that); among those, fewer microbatches (each has overheads the model leaves out), then the
+    # smallest memory (the most headroom: data parallelism replicates the state for little gain).
+    fastest = min(p.step_s for p in fitting)
+    best = min(fitting, key=lambda p: (p.step_s > fastest * NEAR_TIE, p.grad_accum_steps, round(p.memory_gib, 3),
+                                       REMAT_POLICIES.index(p.remat_policy)))
     if log:
         flops = best.compute_s * len(devices) * chip.peak_tflops * 1e12 / RECOMPUTE[best.remat_policy] if chip else 0
         logging.info("Automatic plan on %d x %s: %s; roofline MFU %s (%d candidates, %d fit).", len(devices),
