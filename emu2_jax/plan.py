@@ -51,9 +51,10 @@ NEAR_TIE = 1.01          # step estimates this close are ties
 HEADROOM = 0.85          # of HBM: XLA's own buffers, fragmentation, the data pipeline's prefetch
 # Calibration against XLA:TPU's memory_analysis of five compiled 37B steps (remat full: the four
 # stages of the README's fits table on v5p-256, and stage 2 on v5p-128 at (1, 32, 2) x 145): the
-# estimate is 1.00-1.37x the compiled peak, never below. Not calibrated for data > 1: stage 2 at
-# (2, 8, 4) x 290 on v5p-128 was estimated at 74.8 GiB and compiled at 87.7 (HEADROOM covers it). XLA keeps each saved residual 2-3 times
-# over (float32 and compute-dtype copies, the scan's stacked carries).
+# estimate is 1.00-1.37x the compiled peak, never below; 0.98-1.66x on the plans compiled since
+# (docs/sharding.md). XLA keeps each saved residual 2-3 times over (float32 and compute-dtype
+# copies, the scan's stacked carries). Not calibrated for data > 1: stage 2 at (2, 8, 4) x 290 on
+# v5p-128 was estimated at 74.8 GiB and compiled at 87.7 (HEADROOM covers it).
 KEPT_FACTOR = 2.65
 WORKING_FACTOR = 0.9
 FIXED_GIB = 1.0          # code, collective buffers, the step's scalars

@@ -151,9 +151,10 @@ def test_paper_sized_train_step_lowers_with_splash_on_a_mesh():
     """Stage 2 (448-px tower: 1025 tokens, padded to 1152; 52 LLM heads over tensor 2) traces with the
     kernels inside shard_map under the trainer's mesh and rules; nothing is compiled."""
     config = stage2.get_config()
-    config.update(allow_large_on_cpu=True, mesh_shape=(1, 4, 2), global_batch_size=8, seq_len=128,
-                  max_images_per_row=1)
+    config.update(allow_large_on_cpu=True, mesh_shape=(1, 4, 2), grad_accum_steps=1, global_batch_size=8,
+                  seq_len=128, max_images_per_row=1)
     config.model_overrides.attention = "splash"
+    config.model_overrides.remat_policy = "full"
     trainer = train.create_trainer(config)
     batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype, sharding=trainer.batch_sharding),
                          trainer.task.dummy_batch(8))
