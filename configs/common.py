@@ -131,7 +131,7 @@ def base_config(stage: str, *, model: str, tiny: bool, data_stage: str | None = 
 
 
 def source(builder: str, fmt: str, weight: float, *, paths: str = "", image_dir: str = "",
-           system: str = "chat", clip_frames: int = 16, clip_stride: int = 1
+           system: str = "chat", clip_frames: int = 16, clip_stride: int = 1, image_size: int = 0
            ) -> ml_collections.ConfigDict:
     """One entry of `data.sources`: where a data source is and its share of the mixture.
 
@@ -147,10 +147,13 @@ def source(builder: str, fmt: str, weight: float, *, paths: str = "", image_dir:
     clip_frames, clip_stride: video files (mp4/webm in webdataset shards): the frames kept of each
       clip at ingestion, sampled among every clip_stride-th frame (as `python -m
       emu2_jax.data.prepare --clip_frames --clip_stride` prepared them).
+    image_size: > 0 stores images whose shorter side is larger downscaled to it, decoding every image
+      at ingestion (`prepare --image_size`); 0 keeps the bytes as they are.
     """
     return ml_collections.ConfigDict({"builder": builder, "format": fmt, "paths": paths,
                                       "image_dir": image_dir, "weight": float(weight), "system": system,
-                                      "clip_frames": clip_frames, "clip_stride": clip_stride})
+                                      "clip_frames": clip_frames, "clip_stride": clip_stride,
+                                      "image_size": image_size})
 
 
 def data_config(stage: str, tiny: bool) -> ml_collections.ConfigDict:

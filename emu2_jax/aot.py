@@ -20,7 +20,9 @@ for the LLM (causal attention counted at half) plus the encoder's forward (x3 wh
 every image slot; passes = 3 for trained weights (forward + 2 backward), 2 for frozen weights that
 gradients flow through, 1 forward only. flops_ratio = program / analytic: the recomputation (remat)
 and non-matmul overhead. The roofline takes the slower of compute at the chip's peak bf16 FLOPs and
-HBM traffic at its bandwidth, ignoring collectives.
+HBM traffic at its bandwidth, ignoring collectives. Collective bytes come from the compiled HLO
+(`emu2_jax.hlo`: every collective times the trip counts of the loops around it), timed at the chip's
+ICI bandwidth.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from emu2_jax import cli, metrics, train
+from emu2_jax import cli, hlo, metrics, train
 from emu2_jax import plan as plan_lib
 from emu2_jax import sharding as sh
 from emu2_jax.data import layout
@@ -134,10 +136,16 @@ def report(compiled, chip: Chip, chips: int, program_flops: float, analytic_flop
             "hbm_capacity_gib": chip.hbm_gib, "fits": total / GIB <= chip.hbm_gib,
             "xla_flops_per_chip": flops_device, "xla_flops_total": flops_device * chips,
             "xla_bytes_per_chip": bytes_device, "program_flops_total": program_flops, "roofline_step_s": step_s}
+    traffic = hlo.collective_traffic(compiled.as_text())
+    out_.update(collective_bytes_per_chip=traffic.bytes_per_chip, collective_by_kind=traffic.by_kind,
+                collective_s=traffic.bytes_per_chip / (chip.ici_gbps * 1e9),
+                unknown_trip_counts=traffic.unknown_trip_counts)
     if analytic_flops:
         out_["analytic_flops_total"] = analytic_flops
         out_["flops_ratio"] = program_flops / analytic_flops
         out_["roofline_mfu"] = metrics.mfu(analytic_flops, step_s, chip.peak_tflops * 1e12, chips)
+        out_["mfu_no_overlap"] = metrics.mfu(analytic_flops, step_s + out_["collective_s"], chip.peak_tflops * 1e12,
+                                             chips)
     return out_
 
 
@@ -157,6 +165,14 @@ def format_report(title: str, r: dict[str, Any], chip: Chip, chips: int) -> str:
     lines.append(f"roofline at {chip.peak_tflops:.0f} TFLOP/s and {chip.hbm_gbps:.0f} GB/s per chip (no "
                  f"collectives): step {r['roofline_step_s']:.3f} s"
                  + (f", MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+    kinds = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in sorted(r["collective_by_kind"].items(), key=lambda kv: -kv[1]))
+    lines.append(f"collectives in the compiled HLO (loops x trip counts, ring algorithm): "
+                 f"{r['collective_bytes_per_chip'] / 1e9:.3g} GB per chip per step ({kinds or 'none'}) = "
+                 f"{r['collective_s']:.2f} s at {chip.ici_gbps:.0f} GB/s ICI"
+                 + (f"; {r['unknown_trip_counts']} loop(s) of unknown trip count counted once"
+                    if r["unknown_trip_counts"] else "")
+                 + (f"; MFU if none of it overlapped compute {r['mfu_no_overlap']:.1%}"
+                    if "mfu_no_overlap" in r else ""))
     if "exposed_s" in r:
         lines.append(f"communication (emu2_jax.plan's model, not measured): {r['communication_s']:.2f} s per step "
                      f"at {chip.ici_gbps:.0f} GB/s ICI, {r['exposed_s']:.2f} s of it not overlapped with compute "

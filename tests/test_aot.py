@@ -45,6 +45,12 @@ def test_tiny_stage_compiles_for_v5p_and_reports_sane_numbers():
     assert 0 < xla * 4 < program  # XLA counts the scanned layers' body once
     mfu = float(re.search(r"MFU ([\d.]+)%", out)[1])
     assert 0 < mfu <= 100
+    # Pure data parallelism: the gradients' all-reduce is the traffic, in every loop trip counted.
+    comm = re.search(r"collectives in the compiled HLO .*?: ([\d.e+-]+) GB per chip per step \((.*?)\) = ([\d.]+) s",
+                     out)
+    assert comm and float(comm[1]) > 0 and comm[2].startswith("all-reduce"), out[-2000:]
+    assert "unknown trip count" not in out
+    assert 0 < float(re.search(r"MFU if none of it overlapped compute ([\d.]+)%", out)[1]) <= mfu
 
 
 def test_serving_prefill_and_decode_compile_for_v5p():

@@ -29,7 +29,7 @@ import os
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -39,10 +39,15 @@ from tensorflow_datasets.core import writer as writer_lib
 from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
 from emu2_jax.data import formats
+from emu2_jax.data import images as im
+from emu2_jax.data.skips import SkipExample
 
 log = logging.getLogger(__name__)
 
 COUNTER_NAMESPACE = "emu2_ingest"
+# Record fields holding encoded images (sources.FEATURES): one image, or a sequence of them.
+IMAGE_FIELDS = ("image", "source", "target")
+IMAGE_LIST_FIELDS = ("images", "frames", "video_frames")
 RUNNERS = ("none", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
            "PortableRunner")
 
@@ -58,6 +63,7 @@ class ShardTask:
     system: str
     clip_frames: int
     clip_stride: int
+    image_size: int = 0   # > 0: images validated and stored at most this (shorter side) large
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -127,6 +133,8 @@ class ShardIngester:
             example_writer=writer_lib.ExampleWriter(file_adapters.FileFormat.ARRAY_RECORD))
         task.data_file.parent.mkdir(parents=True, exist_ok=True)
         examples = self.reader(task, skips)
+        if task.image_size:
+            examples = fit_images(examples, task.image_size, skips, task.path or "embedded")
         if "://" not in task.parts_dir:
             count = _write_atomically(task.data_file, lambda tmp: shard_writer.write(examples, tmp))
         else:  # ArrayRecord's writer opens local files only: write here, then copy up
@@ -144,6 +152,22 @@ class ShardIngester:
             for reason, n in skips.items():
                 beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"{task.kind}/{reason}").inc(n)
         return result
+
+
+def fit_images(examples: Iterator[tuple[str, dict]], image_size: int, skips: Counter, where: str
+               ) -> Iterator[tuple[str, dict]]:
+    """`examples` with every image through `images.fit_for_storage`; a record with an undecodable
+    image is a counted `bad_image` skip."""
+    for key, record in examples:
+        try:
+            fitted = {name: im.fit_for_storage(value, image_size) for name, value in record.items()
+                      if name in IMAGE_FIELDS}
+            fitted.update({name: [im.fit_for_storage(v, image_size) for v in value]
+                           for name, value in record.items() if name in IMAGE_LIST_FIELDS})
+        except SkipExample as e:
+            formats.skip(skips, e.reason, f"{where}:{key}", e.detail)
+            continue
+        yield key, {**record, **fitted}
 
 
 def ingest_shards(tasks: Sequence[ShardTask], ingester: ShardIngester, *,

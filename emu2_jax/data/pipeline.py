@@ -402,7 +402,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: 
                                       data_dir=cfg.cache_dir,
                                       # optional: hand-written source configs may lack them
                                       clip_frames=s.get("clip_frames", src.CLIP_FRAMES),
-                                      clip_stride=s.get("clip_stride", 1))
+                                      clip_stride=s.get("clip_stride", 1),
+                                      image_size=s.get("image_size", 0))
         ds = grain.MapDataset.source(prepared.data_source)[shard_index::shard_count]
         if len(ds) == 0:
             raise ValueError(f"data source {name!r} ({prepared.description}) has no record for "

@@ -28,6 +28,8 @@ flags.DEFINE_string("image_dir", "", "mmc4 / llava / edits / storyboard: where n
 flags.DEFINE_string("system", "chat", "llava: 'chat' | 'academic' | a literal system message")
 flags.DEFINE_integer("clip_frames", src.CLIP_FRAMES, "video files: frames kept per clip")
 flags.DEFINE_integer("clip_stride", 1, "video files: frames sampled among every n-th frame")
+flags.DEFINE_integer("image_size", 0, "> 0: decode every image (bad ones are counted skips) and "
+                     "store those whose shorter side is larger downscaled to it, as JPEG; 0: as they are")
 flags.DEFINE_string("out", "", "TFDS data dir (the training config's data.cache_dir; '' = "
                     f"${src.CACHE_ENV} or {src.DEFAULT_CACHE_DIR})")
 flags.DEFINE_enum("runner", "none", ingest.RUNNERS, "Beam runner; 'none': this process")
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
         prepared = src.prepare_source(
             FLAGS.kind, FLAGS.format, paths=FLAGS.paths, image_dir=FLAGS.image_dir,
             system=FLAGS.system, data_dir=FLAGS.out, clip_frames=FLAGS.clip_frames,
-            clip_stride=FLAGS.clip_stride,
+            clip_stride=FLAGS.clip_stride, image_size=FLAGS.image_size,
             download_config=tfds.download.DownloadConfig(beam_runner=runner, beam_options=options))
     except (ValueError, OSError, ImportError) as e:  # bad input: one line naming it
         raise SystemExit(f"prepare: {e}") from None

@@ -84,10 +84,10 @@ class SourceConfig(tfds.core.BuilderConfig):
 
     def __init__(self, *, fmt: str, paths: Sequence[str] = (), image_dir: str = "",
                  system: str = "chat", clip_frames: int = CLIP_FRAMES, clip_stride: int = 1,
-                 **kwargs):
+                 image_size: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.fmt, self.paths, self.image_dir, self.system = fmt, tuple(paths), image_dir, system
-        self.clip_frames, self.clip_stride = clip_frames, clip_stride
+        self.clip_frames, self.clip_stride, self.image_size = clip_frames, clip_stride, image_size
 
 
 class _Emu2Builder(FileReaderBuilder):
@@ -117,7 +117,7 @@ class _Emu2Builder(FileReaderBuilder):
         cfg: SourceConfig = self.builder_config
         tasks = ingest.shard_tasks(self.KIND, cfg.paths, self._parts_dir, image_dir=cfg.image_dir,
                                    system=cfg.system, clip_frames=cfg.clip_frames,
-                                   clip_stride=cfg.clip_stride)
+                                   clip_stride=cfg.clip_stride, image_size=cfg.image_size)
         ingester = ingest.ShardIngester(_READERS[(self.KIND, cfg.fmt)], self.info.features)
         results = ingest.ingest_shards(tasks, ingester, beam_runner=download_config.beam_runner,
                                        beam_options=download_config.beam_options)
@@ -194,13 +194,17 @@ def cache_dir(configured: str = "") -> epath.Path:
 
 def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", image_dir: str = "",
                    system: str = "chat", data_dir: str = "", clip_frames: int = CLIP_FRAMES,
-                   clip_stride: int = 1, download_config: tfds.download.DownloadConfig | None = None
-                   ) -> PreparedSource:
+                   clip_stride: int = 1, image_size: int = 0,
+                   download_config: tfds.download.DownloadConfig | None = None) -> PreparedSource:
     """Builds the ArrayRecord dataset for a source if it is not cached yet, then opens it with
     `as_data_source`. The embedded dataset builds in about a second on first use.
 
     `download_config` with a `beam_runner` or `beam_options` ingests on Beam; a run that failed
-    resumes at the first input file it had not finished (`ingest`)."""
+    resumes at the first input file it had not finished (`ingest`). `image_size` > 0 decodes every
+    image at ingestion (bad ones are counted skips) and stores those larger than that (shorter side)
+    downscaled to it (`images.fit_for_storage`)."""
+    if image_size < 0:
+        raise ValueError(f"image_size={image_size}: expected 0 (images as they are) or a size in pixels")
     if kind not in BUILDERS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
     if fmt not in FORMATS[kind]:
@@ -218,12 +222,14 @@ def prepare_source(kind: str, fmt: str, *, paths: str | Sequence[str] = "", imag
         digest_inputs += [image_dir, system]
         if kind == "videos":  # only video files are sampled
             digest_inputs += [f"clip:{clip_frames}:{clip_stride}"]
+    if image_size:
+        digest_inputs.append(f"image_size:{image_size}")
     digest_inputs.append(CODE_DIGEST)  # a fix in the readers re-ingests instead of reusing
     digest = hashlib.sha1("\n".join(digest_inputs).encode()).hexdigest()[:12]
     config = SourceConfig(name=f"{fmt}-{digest}", fmt=fmt, paths=files,
                           image_dir=image_dir, system=system,
                           clip_frames=clip_frames, clip_stride=clip_stride,
-                          description=f"{fmt} {kind}")
+                          image_size=image_size, description=f"{fmt} {kind}")
     builder = BUILDERS[kind](config=config, data_dir=str(cache_dir(data_dir)))
     cached = builder.is_prepared()
     if not cached:

@@ -2,6 +2,7 @@
 resumes at the input files it had not finished, `python -m emu2_jax.data.prepare` as users run it,
 local, file:// and gs:// (etils mock backend) paths."""
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
+from emu2_jax.data import images as im
 from emu2_jax.data import ingest, paths
 from emu2_jax.data import sources as src
 
@@ -252,6 +254,38 @@ def test_prepare_command_on_beam_with_worker_processes(tmp_path):
     assert lines[-1] == 'ingest_skips={"bad_record": 4}'
     done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}", "--num_workers=2")
     assert "prepare: --num_workers and --beam_option need a Beam --runner" in done.stderr
+
+
+def test_image_size_validates_and_downscales_images_at_ingestion(tmp_path):
+    big, small = jpeg_bytes(size=(120, 90)), jpeg_bytes(size=(50, 40))
+    write_tar(tmp_path / "p-0.tar", [("a.jpg", big), ("a.txt", b"big"), ("b.jpg", small), ("b.txt", b"small"),
+                                     ("c.jpg", TRUNCATED), ("c.txt", b"cut"), ("d.png", jpeg_bytes(fmt="PNG")),
+                                     ("d.txt", b"png")])
+    pattern = str(tmp_path / "p-0.tar")
+    as_is = src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / "as_is"))
+    assert len(as_is.data_source) == 4 and as_is.ingest_skips == {}  # bytes kept: decoded in training
+    configs = {"single": tfds.download.DownloadConfig()}
+    if importlib.util.find_spec("apache_beam"):
+        configs["beam"] = _beam_config()
+    for mode, config in configs.items():
+        fitted = src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / mode),
+                                    image_size=45, download_config=config)
+        records = {r["caption"]: r["image"] for r in map(fitted.data_source.__getitem__, range(3))}
+        assert fitted.ingest_skips == {"bad_image": 1}, mode
+        assert sorted(records) == [b"big", b"png", b"small"]
+        assert records[b"png"] == jpeg_bytes(fmt="PNG")  # shorter side 30 <= 45: the original bytes
+        shrunk = im.decode_image(records[b"big"])
+        assert shrunk.shape == (45, 60, 3) and records[b"big"][:2] == b"\xff\xd8"
+        assert abs(shrunk.astype(int) - (200, 30, 30)).max() <= 3  # the same colour
+        assert im.decode_image(records[b"small"]).shape == (40, 50, 3)  # shorter side 40: kept as is
+        assert records[b"small"] == small
+
+    done = _prepare("--kind=pairs", "--format=webdataset", f"--paths={pattern}", f"--out={tmp_path / 'cli'}",
+                    "--image_size=45")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == 'ingest_skips={"bad_image": 1}'
+    with pytest.raises(ValueError, match="image_size=-1: expected 0"):
+        src.prepare_source("pairs", "webdataset", paths=pattern, data_dir=str(tmp_path / "x"), image_size=-1)
 
 
 BUCKET = "gs://bucket/"
