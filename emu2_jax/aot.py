@@ -13,7 +13,7 @@ FLOPs conventions. XLA's cost analysis of an SPMD program is per device (multipl
 here) and counts the body of a while loop once, whatever its trip count: with the layers scanned and
 gradients accumulated in a scan it undercounts many times over, so it is printed for reference only.
 The program FLOPs used for the ratio count every dot_general / convolution of the traced step's
-jaxpr, scans times their length, remat recomputation included (`jaxpr_flops`). The analytic count is
+jaxpr, scans times their length, remat recomputation included (`metrics.jaxpr_flops`). The analytic count is
 the task's `training_flops`, the same number the training loop's MFU uses (MaxText's definition):
     passes x (2 x matmul params x tokens + 4 x layers x heads x head_dim x tokens x seq_len / 2)
 for the LLM (causal attention counted at half) plus the encoder's forward (x3 when it trains) over
@@ -82,37 +82,6 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     chip, libtpu_name = parse_topology(name)
     return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices)
-
-
-def _sub_jaxprs(value) -> list:
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
-        return [value.jaxpr]
-    if isinstance(value, jax.extend.core.Jaxpr):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [j for v in value for j in _sub_jaxprs(v)]
-    return []
-
-
-def jaxpr_flops(jaxpr) -> float:
-    """Matmul FLOPs (2 per multiply-add) of a jaxpr: dot_general and convolutions, scans times their
-    length, the costliest branch of a cond; while loops (unknown trip count) count once."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracting])
-        elif name == "conv_general_dilated":
-            rhs, out_features = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec[0]
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / rhs[out_features]
-        subs = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if name == "cond":
-            total += max(subs, default=0.0)
-        else:
-            total += (eqn.params["length"] if name == "scan" else 1) * sum(subs)
-    return total
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -194,7 +163,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
                                        sharding=trainer.batch_sharding),
         trainer.task.dummy_batch(config.global_batch_size))
     traced = trainer.train_step.trace(trainer.abstract_state, batch)
-    return trainer, traced.lower().compile(), jaxpr_flops(traced.jaxpr.jaxpr)
+    return trainer, traced.lower().compile(), metrics.jaxpr_flops(traced.jaxpr.jaxpr)
 
 
 def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Device], *, batch_size: int,
@@ -241,7 +210,7 @@ def compile_inference(config: ml_collections.ConfigDict, devices: list[jax.Devic
     for fn, args, donate in ((prefill, (params, cache, prompt), 1), (decode, (params, state, token), 1)):
         traced = jax.jit(sh.with_logical_rules(fn, mesh, trainer.rules), out_shardings=state_out,
                          donate_argnums=(donate,)).trace(*args)
-        out.append((traced.lower().compile(), jaxpr_flops(traced.jaxpr.jaxpr)))
+        out.append((traced.lower().compile(), metrics.jaxpr_flops(traced.jaxpr.jaxpr)))
     return trainer, out[0], out[1]
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.extend
 import numpy as np
 import tensorboardX
 
@@ -104,6 +105,42 @@ def training_flops(config: Emu2Config, *, tokens: int, seq_len: float, images: i
 
 # ---------------------------------------------------------------------------------------------
 # The progress line.
+
+
+def _sub_jaxprs(value) -> list:
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, jax.extend.core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul FLOPs (2 per multiply-add) of a jaxpr: dot_general and convolutions, scans times their
+    length, the costliest branch of a cond; while loops (unknown trip count) count once."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracting])
+        elif name == "conv_general_dilated":
+            rhs, out_features = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / rhs[out_features]
+        subs = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if name == "cond":
+            total += max(subs, default=0.0)
+        else:
+            total += (eqn.params["length"] if name == "scan" else 1) * sum(subs)
+    return total
+
+
+def traced_flops(fn, *args) -> float:
+    """`jaxpr_flops` of `fn` traced at `args` (arrays or ShapeDtypeStructs: nothing is computed)."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, devices: int) -> float:

@@ -76,11 +76,11 @@ def test_jaxpr_flops_counts_scans_and_remat():
 
     ws, x = jnp.zeros((3, 8, 8)), jnp.zeros((4, 8))
     forward = 3 * 2 * 4 * 8 * 8 + 2 * 4 * 8 * 2
-    assert aot.jaxpr_flops(jax.make_jaxpr(loss)(ws, x).jaxpr) == forward
+    assert metrics.jaxpr_flops(jax.make_jaxpr(loss)(ws, x).jaxpr) == forward
     # Gradient w.r.t. the weights: forward, remat's second forward of the layers, and two matmuls per
     # layer backward (input and weight gradients); the head's weight is a constant: one backward matmul.
     grad = forward + 3 * 2 * 4 * 8 * 8 + 3 * 2 * (2 * 4 * 8 * 8) + 2 * 4 * 8 * 2
-    assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr) == grad
+    assert metrics.jaxpr_flops(jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr) == grad
 
 
 def test_training_mfu_and_aot_mfu_agree(monkeypatch):

@@ -16,7 +16,7 @@ import ml_collections
 from etils import epath
 from PIL import Image
 
-from emu2_jax import diffusion
+from emu2_jax import diffusion, metrics
 from emu2_jax.data import images as image_lib
 from emu2_jax.data import layout, pipeline
 from emu2_jax.data import tokenizer as tokenizer_lib
@@ -110,23 +110,17 @@ class DecoderTask:
         return {"tokens": jnp.zeros((), jnp.float32), "images": jnp.asarray(rows, jnp.float32)}
 
     def training_flops(self, abstract_params: PyTree) -> float:
-        """XLA's FLOP count of one row's forward (encoder x2 for the unconditional embedding, VAE
-        encoder, UNet), plus 2x the UNet forward for its backward, times the global batch."""
-        rows = self.config.global_batch_size
-        batch = self.dummy_batch(1)
+        """Matmul + convolution FLOPs (`metrics.traced_flops`: scanned blocks times their count, no
+        remat) of one row's forward (encoder x2 for the unconditional embedding, VAE encoder, UNet),
+        plus 2x the UNet forward for its backward, times the global batch."""
         rng = jax.random.key(0)
-        forward = jax.jit(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0])
-        unet = jax.jit(lambda p, b: self.model.apply(
+        forward = metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
+                                       abstract_params, self.dummy_batch(1))
+        unet = metrics.traced_flops(lambda p: self.model.apply(
             {"params": p}, jnp.zeros((1, *self.model_cfg.latent_shape)), jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, self.model_cfg.n_query, self.model_cfg.vision.width)), jnp.zeros((1, 6)),
-            method=VisualDecoderModel.predict_noise))
-
-        def count(fn) -> float:
-            cost = fn.lower(abstract_params, batch).cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float((cost or {}).get("flops", 0.0))
-
-        return rows * (count(forward) + 2 * count(unet))
+            method=VisualDecoderModel.predict_noise), abstract_params)
+        return self.config.global_batch_size * (forward + 2 * unet)
 
     def create_iterator(self, batch_size: int, shard_index: int, shard_count: int):
         config = self.config
