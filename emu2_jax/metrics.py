@@ -59,17 +59,24 @@ class SummaryWriter:
 # ---------------------------------------------------------------------------------------------
 # FLOPs and MFU.
 
-# Dense bf16 peak FLOP/s per device, matched against `jax.Device.device_kind`.
+# Dense bf16 peak FLOP/s per device, matched in order against `jax.Device.device_kind` (the first
+# name it contains): JAX calls a v5p chip "TPU v5", a v5e "TPU v5 lite", a v6e "TPU v6 lite"; an
+# H100 is the SXM part (989) unless its kind says PCIe.
 _PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
 )
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+    """The dense bf16 peak of a device kind (e.g. "NVIDIA H100 80GB HBM3", "TPU v5 lite"), or None
+    when unknown (CPUs, other accelerators)."""
+    return next((flops for name, flops in _PEAK_FLOPS if name.lower() in kind.lower()), None)
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """The device's dense bf16 peak, or None when unknown (e.g. CPU: no MFU is shown)."""
-    kind = (device or jax.devices()[0]).device_kind
-    return next((flops for name, flops in _PEAK_FLOPS if name.lower() in kind.lower()), None)
+    return peak_flops_of_kind((device or jax.devices()[0]).device_kind)
 
 
 def _multiplier(trained: bool, backprop_through: bool) -> int:

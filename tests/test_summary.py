@@ -42,3 +42,10 @@ def test_summary_cli_prints_total_line():
     assert last.startswith("total_params=")
     total = int(last.split("=")[1])
     assert 13.5e9 < total < 15e9, total  # Emu v1 is "14B"
+
+
+def test_medium_count_is_the_documented_one():
+    """docs/model.md's presets table and the README give these counts."""
+    counts = summary.component_counts(presets.get_config("medium"))
+    assert counts == {"visual": 303_152_128, "connector": 2_097_152, "llm": 1_365_411_840, "project_down": 2_097_152}
+    assert sum(counts.values()) == 1_672_758_272

@@ -45,6 +45,17 @@ def small() -> Emu2Config:
         n_query=64, v_query=64, **_token_ids(32000))
 
 
+def medium() -> Emu2Config:
+    """~1.7B parameters: a ViT-L/14 at 224 px (Emu2's post-norm block, q/v biases) and a 24-layer
+    2048-wide LLaMA (16 heads of 128); sized for one GPU/TPU chip, e.g. `benchmarks/mfu.py`."""
+    return Emu2Config(
+        vision=VisionConfig(image_size=224, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                            qkv_bias=True, post_norm=True, layer_norm_eps=1e-6),
+        llm=LlamaConfig(vocab_size=32000 + _NUM_ADDED, hidden_size=2048, num_layers=24, num_heads=16,
+                        num_kv_heads=16, intermediate_size=5632),
+        n_query=64, v_query=64, **_token_ids(32000))
+
+
 def emu2_37b(chat: bool = False) -> Emu2Config:
     """The released Emu2 (chat=False, vocab 32272) / Emu2-Chat (chat=True: vocab 32274, 16x16 tokens)."""
     return Emu2Config(
@@ -71,6 +82,7 @@ def emu1_14b() -> Emu2Config:
 PRESETS: dict[str, Callable[[], Emu2Config]] = {
     "tiny": tiny,
     "small": small,
+    "medium": medium,
     "emu2_37b": emu2_37b,
     "emu2_chat_37b": lambda: emu2_37b(chat=True),
     "emu1_14b": emu1_14b,
