@@ -34,7 +34,6 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
