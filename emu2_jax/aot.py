@@ -31,7 +31,6 @@ import re
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
