@@ -221,3 +221,14 @@ def test_emu1_wrong_preset_names_the_first_mismatch(tmp_path, pretrain):
     with pytest.raises(ValueError, match=r"an Emu v1 checkpoint needs an Emu v1 release config"):
         convert(str(tmp_path / "emu1.safetensors"), str(tmp_path / "out"), model="emu1_14b")
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_emu1_is_not_exported_as_emu2(tmp_path, pretrain):
+    from emu2_jax.export import export
+
+    save_file(emu1_state_dict(pretrain), str(tmp_path / "emu1.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_JSON))
+    convert(str(tmp_path / "emu1.safetensors"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"an Emu v1 model \(Causal Transformer connector\); export writes the Emu2"):
+        export(str(tmp_path / "out"), str(tmp_path / "back"), "native")
+    assert not (tmp_path / "back").exists()
