@@ -140,6 +140,9 @@ def detect(src: str, model: str = "auto") -> tuple[str, list[Part]]:
     folder = path if path.is_dir() else path.parent
     if path.is_dir() and (path / "multimodal_encoder").is_dir():
         enc = path / "multimodal_encoder"
+        if emu1.is_emu1(_keys_of(source_files(enc))):
+            raise ValueError(f"--src={src}: Emu v1's generation pipeline folder; convert its encoder alone "
+                             f"(--src={enc}, layout emu1): its SD-1.5-style UNet and VAE do not convert with it")
         parts = [Part("emu2", source_files(enc), "", _emu2_config(enc, model))]
         parts += [Part(kind, source_files(path / kind), "", _diffusers_config(path / kind, kind))
                   for kind in ("unet", "vae")]

@@ -213,6 +213,19 @@ def test_emu1_bad_keys_are_named_and_leave_nothing(tmp_path, instruct, change, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "emu1.safetensors"]
 
 
+def test_emu1_generation_folder_points_at_its_encoder(tmp_path, pretrain):
+    """BAAI/Emu's `pretrain/` folder: `multimodal_encoder/pytorch_model.bin` (an Emu v1 state dict), unet/, vae/."""
+    (tmp_path / "pretrain" / "multimodal_encoder").mkdir(parents=True)
+    (tmp_path / "pretrain" / "unet").mkdir()
+    encoder = tmp_path / "pretrain" / "multimodal_encoder"
+    torch.save({k: torch.from_numpy(v) for k, v in emu1_state_dict(pretrain).items()}, encoder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"Emu v1's generation pipeline folder; convert its encoder alone \(--src="
+                                         r".*multimodal_encoder, layout emu1\)"):
+        convert(str(tmp_path / "pretrain"), str(tmp_path / "out"))
+    (encoder / "config.json").write_text(json.dumps(CONFIG_JSON))
+    assert convert(str(encoder), str(tmp_path / "out")) == "emu1"
+
+
 def test_emu1_wrong_preset_names_the_first_mismatch(tmp_path, pretrain):
     save_file(emu1_state_dict(pretrain), str(tmp_path / "emu1.safetensors"))
     with pytest.raises(ValueError, match=r"EVA state dict key 'visual.patch_embed.proj.weight' has shape "
