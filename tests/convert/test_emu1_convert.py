@@ -1,7 +1,14 @@
 """Converting the released Emu (v1) checkpoints: tiny torch-built checkpoints in the release's exact key
 layout (`tests/emu1_refs.py`), through `python -m emu2_jax.convert` (subprocess) and `convert()`,
 compared tensor by tensor with an independent transcription of the mapping, and the converted model's
-outputs compared with the release's forward (fp32)."""
+outputs compared with the release's forward (fp32, <= 1e-4).
+
+The torch side is built from library blocks, as the release builds it: timm's `Eva` for the tower,
+transformers' `T5Stack` decoder (cross-attention k / v widened to the encoder width, the release's one
+change to T5) for the Causal Transformer, transformers' `LlamaForCausalLM`; only PEFT's LoRA Linear is a
+minimal transcription of its forward (peft is not installed). The release's own forward (ln_visual on
+all tokens, cformer, `<image>` slots, stu_regress_head on the final-norm hidden states) is transcribed
+in `emu1_reference_forward`."""
 import dataclasses
 import json
 import sys
