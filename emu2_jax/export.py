@@ -168,6 +168,9 @@ def export(src: str, dst: str, layout: str, *, max_shard_bytes: int = 5 << 30, o
     if layout == "hf" and ("unet" in config or "vae" in config):
         raise ValueError(f"--layout=hf writes Emu2 only; {src} also holds {sorted(set(config) - {'emu2'})}: use "
                          f"--layout=native or diffusers")
+    if "emu2" in config and config["emu2"].connector != "mean_pool":
+        raise ValueError(f"--src={src}: an Emu v1 model (Causal Transformer connector); export writes the Emu2 "
+                         f"layouts only")
     if "emu2" in config and config["emu2"].llm.lora_rank:  # Emu v1 chat tuning: adapters folded in
         lora = config["emu2"].llm
         params = {**params, "llm": llama.merge_lora(params["llm"], lora)}

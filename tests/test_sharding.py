@@ -20,6 +20,9 @@ MESHES = {
     # vocab 32274 = 2 x 16137 (two chat tokens on top of 32272): tensor parallelism of at most 2.
     "emu2_chat_37b": [(1, 64, 2), (1, 128, 1), (1, 256, 1), (2, 32, 2), (1, 8, 1)],
     "emu1_14b": [(1, 32, 4), (1, 64, 4), (1, 128, 1), (1, 8, 1)],
+    "emu1_release": [(1, 32, 4), (1, 64, 4), (1, 128, 1), (1, 8, 1)],
+    # vocab 32006 = 2 x 16003 (Emu-I's [USER], [ASSISTANT]): tensor parallelism of at most 2.
+    "emu1_instruct_release": [(1, 64, 2), (1, 128, 1), (1, 8, 1)],
 }
 
 

@@ -4,7 +4,8 @@ r"""Converts a released PyTorch checkpoint into an Orbax params checkpoint, stre
         [--overwrite] [--allow_unused_keys] [--allow_nonfinite]
 
 The layout is detected and printed (`emu2_jax.convert.layouts`); the model config comes from the
-source's config.json files (`--model=<preset>` overrides the Emu2 part) and is written into `DIR`
+source's config.json files, for Emu v1 from its tensors' shapes (`--model=<preset>` overrides the
+Emu2 / Emu v1 part) and is written into `DIR`
 (`emu2_jax_model.json`), so `checkpointing.load_pretrained(DIR)` and `--config.init_from=DIR` need
 nothing else.
 
@@ -12,8 +13,10 @@ One tensor at a time (an EVA block at a time for the vision tower, whose fused q
 leaves): read it, convert it with the component converters' own rules, write it into its leaf (or
 its layer's slot of a stacked leaf) on disk, drop it. Verified as it goes: a missing or misshapen key
 stops the conversion naming it; at the end every source key must have been read or deliberately
-ignored (`rotary_emb.inv_freq`, the safety checker, EVA's zero `k_bias`) and every layer slot of every
-leaf filled. Output goes to a temporary folder renamed to `DIR` only when complete.
+ignored (`rotary_emb.inv_freq`, the safety checker, EVA's zero `k_bias`, Emu v1's unused tower norm
+and head and T5 token table) and every layer slot of every leaf filled (for Emu v1, also every
+parameter of the model, by shape). Emu v1's LoRA adapters are merged into the LLaMA weights.
+Output goes to a temporary folder renamed to `DIR` only when complete.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from emu2_jax.convert import layouts
+from emu2_jax.convert import emu1, layouts
 from emu2_jax.convert.diffusers import _SCANNED, _to_flax, _torch_stem, unet_target, vae_target
 from emu2_jax.convert.emu2 import _linear_kernel
 from emu2_jax.convert.eva_vit import _block, _Reader, eva_top, unexpected_eva_keys
@@ -46,7 +49,8 @@ def _flat(tree: dict) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
 def emu2_writes(src: Source, config: Emu2Config, prefix: str, layout_hf: bool) -> Iterator[Write]:
     """The Emu2Model leaves {visual, connector, llm, project_down} from `src`, one tensor at a time."""
     if config.connector != "mean_pool":
-        raise ValueError("only Emu2 checkpoints (mean-pool connector) convert; Emu v1 does not yet")
+        raise ValueError("an Emu2 checkpoint needs an Emu2 config (mean-pool connector); Emu v1's are a layout "
+                         "of their own (cformer., ln_visual. keys)")
     inner = prefix + ("model." if layout_hf else "")
     vprefix, lprefix, pprefix = inner + "visual.", inner + "decoder.lm.", prefix if layout_hf else inner
     vc, lc = config.vision, config.llm
@@ -97,11 +101,27 @@ def diffusers_writes(src: Source, target: dict, prefix: str, component: str) -> 
 
 
 def part_writes(part: layouts.Part, src: Source, layout: str) -> Iterator[Write]:
+    if layout == "emu1":
+        return emu1.emu1_writes(src, part.config, emu1.lora_alpha(part.files[0].parent, layouts._json))
     if part.kind == "emu2":
         return emu2_writes(src, part.config, part.prefix, layout_hf=layout in ("hf", "gen_diffusers"))
     config = (unet_config_from_diffusers if part.kind == "unet" else vae_config_from_diffusers)(part.config)
     target = (unet_target if part.kind == "unet" else vae_target)(config)
     return diffusers_writes(src, target, part.prefix, part.kind)
+
+
+def _check_filled(writer: ParamsWriter, config: Emu2Config) -> None:
+    """Every parameter of `Emu2Model(config)` written, with its shape, and nothing else."""
+    from emu2_jax.summary import abstract_params
+
+    want = {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items()}
+    got = writer.shapes()
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(p for p in set(want) & set(got) if want[p] != got[p])
+    if missing or extra or wrong:
+        name = lambda paths: [".".join(p) for p in paths[:10]]
+        raise ValueError(f"converted params do not match the model: missing {name(missing)}, extra {name(extra)}, "
+                         f"misshapen {[(n, got[p], want[p]) for n, p in zip(name(wrong), wrong)]}")
 
 
 def convert(src: str, dst: str, *, model: str = "auto", dtype: str = "float32", overwrite: bool = False,
@@ -132,6 +152,8 @@ def convert(src: str, dst: str, *, model: str = "auto", dtype: str = "float32", 
                 writer.write(path, value, slot, slots)
                 progress.update(sum(len(s.used) for s in sources.values()),
                                 sum(s.bytes_read for s in sources.values()))
+            if layout == "emu1":
+                _check_filled(writer, part.config)
         unused = sorted(k for s in sources.values() for k in s if k not in s.used and k not in s.ignored)
         if unused and not allow_unused_keys:
             raise ValueError(f"checkpoint has {len(unused)} key(s) that no component reads: {unused[:10]}"

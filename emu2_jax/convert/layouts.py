@@ -7,7 +7,8 @@ Layouts (docs/model.md#checkpoint-layouts):
                 `safety_checker.` (ignored)
   gen_diffusers Emu2-Gen folder: `multimodal_encoder/` (hf layout), `unet/`, `vae/`, `tokenizer/`, ...
   diffusers     a folder with `unet/` and / or `vae/` only, or one diffusers UNet / VAE folder
-An Emu (v1) checkpoint (`cformer.`, `ln_visual.` keys) is recognised and refused: no converter yet.
+  emu1          the released Emu (v1): `visual.`, `ln_visual.`, `cformer.`, `decoder.lm.` (PEFT-wrapped
+                with LoRA in Emu-I); config from its shapes (`emu2_jax.convert.emu1`)
 
 Each layout becomes a list of `Part`s: one model component group read from one set of files under a
 key prefix, with its config.
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from emu2_jax.convert import emu1
 from emu2_jax.convert.stream import Source, _safetensors_header, source_files
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
@@ -102,6 +104,13 @@ def _emu2_config(folder: pathlib.Path, model: str) -> Emu2Config:
     return emu2_config_from_hf(cfg, str(folder / "config.json"))
 
 
+def _emu1_config(folder: pathlib.Path, files: list[pathlib.Path], model: str) -> Emu2Config:
+    """`--model=<preset>`, else from the checkpoint's shapes and an optional release config.json."""
+    if model != "auto":
+        return presets.get_config(model)
+    return emu1.config_from_shapes(Source(files).shapes, _json(folder / "config.json"))
+
+
 def _diffusers_config(folder: pathlib.Path, kind: str) -> dict:
     cfg = _json(folder / "config.json")
     if cfg is None:
@@ -131,6 +140,9 @@ def detect(src: str, model: str = "auto") -> tuple[str, list[Part]]:
     folder = path if path.is_dir() else path.parent
     if path.is_dir() and (path / "multimodal_encoder").is_dir():
         enc = path / "multimodal_encoder"
+        if emu1.is_emu1(_keys_of(source_files(enc))):
+            raise ValueError(f"--src={src}: Emu v1's generation pipeline folder; convert its encoder alone "
+                             f"(--src={enc}, layout emu1): its SD-1.5-style UNet and VAE do not convert with it")
         parts = [Part("emu2", source_files(enc), "", _emu2_config(enc, model))]
         parts += [Part(kind, source_files(path / kind), "", _diffusers_config(path / kind, kind))
                   for kind in ("unet", "vae")]
@@ -145,9 +157,8 @@ def detect(src: str, model: str = "auto") -> tuple[str, list[Part]]:
 
     files = source_files(path)
     keys = _keys_of(files)
-    if any(k.startswith(("cformer.", "ln_visual.")) for k in keys):
-        raise ValueError(f"--src={src}: an Emu (v1) checkpoint (cformer., ln_visual. keys); Emu v1 conversion is "
-                         f"not implemented (its layout: docs/model.md#emu-v1-checkpoints)")
+    if emu1.is_emu1(keys):
+        return "emu1", [Part("emu2", files, "", _emu1_config(folder, files, model))]
     if any(k.startswith("multimodal_encoder.") for k in keys):
         parts = [Part("emu2", files, "multimodal_encoder.", _emu2_config(folder, model), ("safety_checker.",))]
         for kind in ("unet", "vae"):  # configs as in the official repo's diffusion_config/{unet,vae}/

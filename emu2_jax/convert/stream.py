@@ -150,6 +150,8 @@ class Source:
             raise ValueError(f"{file}: cannot read it ({_first_line(e)})") from e
         if not isinstance(state, dict):
             raise ValueError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
+        if isinstance(state.get("module"), dict):  # DeepSpeed's model states (Emu v1's Emu-pretrain.pt)
+            state = state["module"]  # the other entries (step counts, ds_config, ...) are not weights
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):  # weights_only still unpickles plain values
                 raise ValueError(f"{file}: {key!r} is a {type(value).__name__}, not a tensor")
@@ -249,6 +251,10 @@ class ParamsWriter:
         target = self.leaves[path] if slot is None else self.leaves[path][slot]
         target.write(value, can_reference_source_data_indefinitely=True).result()
         self.filled[path].add(0 if slot is None else slot)
+
+    def shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+        """{path: full shape} of the leaves written so far."""
+        return {path: tuple(leaf.shape) for path, leaf in self.leaves.items()}
 
     def commit(self, model_config: dict) -> None:
         incomplete = [".".join(p) + f" (layers {sorted(set(range(self.slots[p])) - f)})"

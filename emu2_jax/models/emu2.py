@@ -62,9 +62,11 @@ class Emu2Config:
 
     @property
     def visual_embed_dim(self) -> int:
-        """Width of the regressed visual embeddings (the connector's output before project_up)."""
+        """Width of the regressed visual embeddings: the connector's output before project_up, or
+        after it for the released Emu v1 (`causal_transformer.output="llm"`: the LLM width)."""
         if self.connector == "causal_transformer":
-            return self.causal_transformer.width
+            ct = self.causal_transformer
+            return self.llm.hidden_size if ct.output == "llm" else ct.width
         return self.vision.width
 
 
@@ -106,8 +108,11 @@ class Emu2Model(nn.Module):
     def encode_images(self, images: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
         """images [M, H, W, 3] -> (visual embeddings [M, n, Dv], LLM-width embeddings [M, n, D])."""
         chex.assert_rank(images, 4)
-        patches = self.visual(images)[:, 1:]  # drop CLS: the connector reads patch tokens only
-        return self.connector(patches, num_tokens)
+        tokens = self.visual(images)
+        ct = self.config.causal_transformer
+        if not (self.config.connector == "causal_transformer" and ct.include_cls):
+            tokens = tokens[:, 1:]  # drop CLS: the connector reads patch tokens only
+        return self.connector(tokens, num_tokens)
 
     def embed_inputs(self, tokens: jax.Array, images: jax.Array, image_valid: jax.Array,
                      image_is_frame: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,8 +180,11 @@ class Emu2Model(nn.Module):
 
     def project_visual(self, visual: jax.Array) -> jax.Array:
         """Visual embeddings [..., Dv] -> LLM input embeddings [..., D]: the connector's `project_up`
-        (what fills the placeholders; image generation feeds its own predictions back through it)."""
+        (what fills the placeholders; image generation feeds its own predictions back through it).
+        The released Emu v1 regresses LLM-width embeddings, which go back in unchanged."""
         dtype = self.config.llm.dtype
+        if self.config.connector == "causal_transformer" and self.config.causal_transformer.output == "llm":
+            return visual.astype(dtype)
         kernel = self.connector.variables["params"]["project_up"]["kernel"]
         return jnp.einsum("...v,vd->...d", visual.astype(dtype), kernel.astype(dtype))
 

@@ -79,6 +79,29 @@ def emu1_14b() -> Emu2Config:
         n_query=32, v_query=32, **_token_ids(32000))
 
 
+# The released Emu v1 tokenizer adds [PAD], [IMG], [/IMG], <image> to LLaMA's 32000 pieces, and
+# [USER], [ASSISTANT] for instruction tuning (Emu-I).
+EMU1_ADDED, EMU1_INSTRUCT_ADDED = 4, 6
+
+
+def emu1_release(instruct: bool = False) -> Emu2Config:
+    """The released Emu v1 (`Emu1/models/modeling_emu.py`, BAAI/Emu): EVA-CLIP-g/14 at 224 px (pre-norm,
+    no final norm), `ln_visual` on all 257 tokens, a T5-base-shaped Causal Transformer (768 wide,
+    12 blocks, 12 heads, ReLU MLP 3072, 32 queries) projected to 5120, LLaMA-13B, regression head
+    5120 -> 5120. instruct=True: Emu-I's vocabulary (32006); its LoRA is merged at conversion."""
+    vocab = 32000 + (EMU1_INSTRUCT_ADDED if instruct else EMU1_ADDED)
+    return Emu2Config(
+        vision=VisionConfig(image_size=224, patch_size=14, width=1408, depth=40, num_heads=16, mlp_dim=6144,
+                            qkv_bias=True, post_norm=False),
+        llm=LlamaConfig(vocab_size=vocab, hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+                        intermediate_size=13824),
+        connector="causal_transformer",
+        causal_transformer=CausalTransformerConfig(
+            num_queries=32, width=768, depth=12, num_heads=12, mlp_dim=3072, block="t5", input_norm=True,
+            include_cls=True, output="llm"),
+        n_query=32, v_query=32, **_token_ids(32000))
+
+
 PRESETS: dict[str, Callable[[], Emu2Config]] = {
     "tiny": tiny,
     "small": small,
@@ -86,6 +109,8 @@ PRESETS: dict[str, Callable[[], Emu2Config]] = {
     "emu2_37b": emu2_37b,
     "emu2_chat_37b": lambda: emu2_37b(chat=True),
     "emu1_14b": emu1_14b,
+    "emu1_release": emu1_release,
+    "emu1_instruct_release": lambda: emu1_release(instruct=True),
 }
 
 _COMPONENTS = ("vision", "llm", "causal_transformer")

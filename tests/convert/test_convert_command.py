@@ -247,10 +247,10 @@ def test_train_config_takes_the_model_from_a_converted_init_from(tmp_path, state
     assert model.llm.hidden_size == 128 and model.vision.width == 64 and model.llm.dtype == jnp.bfloat16
 
 
-def test_emu1_and_unknown_layouts_are_refused(tmp_path):
+def test_incomplete_emu1_and_unknown_layouts_are_refused(tmp_path):
     save_file({"cformer.query": np.zeros((2, 4), np.float32), "visual.cls_token": np.zeros(4, np.float32)},
-              str(tmp_path / "emu1.safetensors"))
-    with pytest.raises(ValueError, match=r"an Emu \(v1\) checkpoint .*not implemented.*docs/model.md"):
+              str(tmp_path / "emu1.safetensors"))  # Emu v1 conversion: tests/convert/test_emu1_convert.py
+    with pytest.raises(ValueError, match=r"Emu v1 checkpoint has no 'visual.patch_embed.proj.weight'"):
         convert(str(tmp_path / "emu1.safetensors"), str(tmp_path / "out"))
     save_file({"encoder.weight": np.zeros(4, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"other.safetensors: unknown layout \(first keys \['encoder.weight'\]\)"):

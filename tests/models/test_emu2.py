@@ -151,16 +151,28 @@ def test_gradients_reach_every_trainable_component(model_and_params):
         assert norm > 0, f"no gradient reaches {name}"
 
 
-def test_causal_transformer_connector_model():
-    ct = dataclasses.replace(presets.get_config("emu1_14b").causal_transformer, num_queries=N, width=32, depth=2,
+@pytest.mark.parametrize("preset", ["emu1_14b", "emu1_release"])
+def test_causal_transformer_connector_model(preset):
+    """Both block styles: shapes, targets, and logical axes on every connector parameter. The
+    release's style regresses LLM-width embeddings and reads CLS too (ln_visual, T5 blocks)."""
+    ct = dataclasses.replace(presets.get_config(preset).causal_transformer, num_queries=N, width=32, depth=2,
                              num_heads=4, mlp_dim=64)
     config = dataclasses.replace(CFG, connector="causal_transformer", causal_transformer=ct)
     batch = _batch(np.random.default_rng(0))
     model = emu2.Emu2Model(config)
-    params = nn.unbox(model.init(jax.random.key(0), batch))
+    boxed = model.init(jax.random.key(0), batch)
+    params = nn.unbox(boxed)
     out = model.apply(params, batch)
-    chex.assert_shape(out.visual_pred, (2, batch["tokens"].shape[1], 32))
+    width = CFG.llm.hidden_size if preset == "emu1_release" else 32
+    chex.assert_shape(out.visual_pred, (2, batch["tokens"].shape[1], width))
     assert float(jnp.abs(out.visual_target).sum()) > 0
+    specs = nn.get_partition_spec(boxed)["params"]["connector"]
+    for (path, spec), leaf in zip(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, tuple)),
+                                  jax.tree.leaves(params["params"]["connector"])):
+        assert spec is not None and len(spec) == leaf.ndim and None not in spec, jax.tree_util.keystr(path)
+    if preset == "emu1_release":
+        assert params["params"]["connector"]["ln_visual"]["scale"].shape == (CFG.vision.width,)
+        assert params["params"]["connector"]["rel_bias"].shape == (32, 4)
 
 
 def test_every_parameter_has_logical_axes(model_and_params):
