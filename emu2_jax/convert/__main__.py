@@ -33,7 +33,7 @@ from emu2_jax.convert.diffusers import _SCANNED, _to_flax, _torch_stem, unet_tar
 from emu2_jax.convert.emu2 import _linear_kernel
 from emu2_jax.convert.eva_vit import _block, _Reader, eva_top, unexpected_eva_keys
 from emu2_jax.convert.llama import _INV_FREQ, llama_entries
-from emu2_jax.convert.stream import ParamsWriter, Progress, Source
+from emu2_jax.convert.stream import Buffers, ParamsWriter, Progress, Source
 from emu2_jax.models.emu2 import Emu2Config
 from emu2_jax.models.unet import unet_config_from_diffusers
 from emu2_jax.models.vae import vae_config_from_diffusers
@@ -136,13 +136,14 @@ def convert(src: str, dst: str, *, model: str = "auto", dtype: str = "float32", 
     layout, parts = layouts.detect(src, model)
     log(f"convert: {src}: layout {layout} ({', '.join(p.kind for p in parts)})")
     sources: dict[tuple, Source] = {}
+    buffers = Buffers()  # shared by reading and writing: a tensor is read, transposed, written, let go
     for part in parts:
         key = tuple(part.files)
         if key not in sources:
-            sources[key] = Source(part.files, allow_nonfinite=allow_nonfinite)
+            sources[key] = Source(part.files, allow_nonfinite=allow_nonfinite, buffers=buffers)
     total_tensors = sum(len(s) for s in sources.values())
     progress = Progress(total_tensors, sum(sum(s.nbytes.values()) for s in sources.values()))
-    writer = ParamsWriter(out, dtype)
+    writer = ParamsWriter(out, dtype, buffers)
     start = time.perf_counter()
     try:
         for part in parts:
