@@ -79,7 +79,10 @@ def topology_devices(name: str) -> tuple[Chip, list[jax.Device]]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     chip, libtpu_name = parse_topology(name)
-    return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices)
+    # A v4 chip's two TensorCores run as one device (megacore), as JAX uses them; libtpu's default
+    # description would list each core as a device with the whole chip's HBM.
+    megacore = {"chip_config_name": "megacore"} if chip.platform == "v4" else {}
+    return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name, **megacore).devices)
 
 
 def _cost(compiled) -> dict[str, float]:
