@@ -100,9 +100,17 @@ def collective_traffic(hlo_text: str) -> Traffic:
         calls[current] += [(callee, 1) for callee in _CALLS.findall(line)]
         for branches in _BRANCHES.findall(line):  # a conditional: its costliest branch (max below)
             calls[current].append(("|".join(b.strip().lstrip("%") for b in branches.split(",")), 1))
+    def trip_constants(name: str, seen: frozenset = frozenset()) -> set[int]:
+        """The s32 constants of a condition and of what it calls (TPU fuses the compare)."""
+        found = set(constants[name])
+        for callee, _ in calls[name]:
+            if callee not in seen and "|" not in callee:
+                found |= trip_constants(callee, seen | {name})
+        return found
+
     unknown = 0
     for caller, condition, body in whiles:
-        trips = sorted(set(constants[condition]))
+        trips = sorted(trip_constants(condition))
         trip = trips[0] if len(trips) == 1 else 1
         unknown += len(trips) != 1
         calls[caller] += [(body, trip), (condition, trip + 1)]

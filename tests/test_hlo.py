@@ -36,7 +36,7 @@ def test_collectives_inside_loops_count_once_per_trip(mesh):
     assert traffic.bytes_per_chip == pytest.approx(sum(traffic.by_kind.values()))
 
 
-def test_replica_group_forms_and_async_starts():
+def test_replica_group_forms_async_starts_and_fused_loop_conditions():
     text = """HloModule m
 
 %body (p: (s32[], bf16[8,256])) -> (s32[], bf16[8,256]) {
@@ -49,10 +49,14 @@ def test_replica_group_forms_and_async_starts():
   ROOT %t = (s32[], bf16[8,256]) tuple(%i, %a)
 }
 
-%cond (p: (s32[], bf16[8,256])) -> pred[] {
-  %p = (s32[], bf16[8,256]) parameter(0)
+%fused_lt (i: s32[]) -> pred[] {
   %limit = s32[]{:T(128)} constant(5)
   ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%cond (p: (s32[], bf16[8,256])) -> pred[] {
+  %p = (s32[], bf16[8,256]) parameter(0)
+  ROOT %f = pred[] fusion(%i), kind=kLoop, calls=%fused_lt
 }
 
 ENTRY %main (x: bf16[8,256]) -> bf16[8,256] {
