@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue as queue_module
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.child import run_in_child  # noqa: E402
 
 
 def _cases(args) -> list[tuple[str, int, int, int]]:
@@ -131,22 +131,6 @@ def _run_ours(weights_path: str, args, queue) -> None:
     queue.put(result)
 
 
-def _child(target, weights_path, args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(weights_path, args, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                raise SystemExit(f"{target.__name__} exited with code {proc.exitcode}") from None
-    proc.join()
-    return result
-
-
 def _fastest(best: dict | None, new: dict) -> dict:
     """Per case, the faster of two rounds' results (compile time: the first round's)."""
     if best is None:
@@ -199,7 +183,7 @@ def main() -> None:
         results = {}
         for _ in range(args.rounds):  # alternate the sides: a load change on a shared machine hits both
             for name, target in (("transformers", _run_reference), ("emu2_jax", _run_ours)):
-                results[name] = _fastest(results.get(name), _child(target, weights, args))
+                results[name] = _fastest(results.get(name), run_in_child(target, weights, args))
     _check_same(results, args, _stop_id(config))
     print("greedy and beam-search tokens: identical on both sides", flush=True)
 

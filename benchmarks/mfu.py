@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
-import queue as queue_module
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.child import run_in_child  # noqa: E402
 
 # Default (batch rows, seq_len, images per row) of each preset this benchmark runs. `medium` at batch 8
 # with remat full is estimated (emu2_jax.plan) at ~40 GiB: one H100 / H200 / A100-80GB / TPU v5p chip.
@@ -259,23 +259,6 @@ def _run_reference(args, info, queue) -> None:
                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0})
 
 
-def _child(target, *args):
-    """`target(*args, queue)` in a fresh process (the whole device to itself); what it put on the queue."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                raise SystemExit(f"{target.__name__} exited with code {proc.exitcode}") from None
-    proc.join()
-    return result
-
-
 def _row(name: str, r: dict, flops: float, peak: float | None) -> dict:
     """Prints one side's line of the table; returns its figures."""
     seconds = float(np.mean(r["times"]))
@@ -314,7 +297,7 @@ def main() -> None:
 
     from emu2_jax import metrics
 
-    ours = _child(_run_ours, args)
+    ours = run_in_child(_run_ours, args)
     backend, kind = ours["backend"], ours["device_kind"]
     if "times" not in ours:
         print(f"MFU is not meaningful on CPU: no GPU or TPU found (JAX backend {backend}, device {kind!r}). "
@@ -341,7 +324,7 @@ def main() -> None:
           f"warm-up step, compilation included)", flush=True)
     results = {"emu2_jax": _row("emu2_jax", ours, flops, peak)}
 
-    ref = _child(_run_reference, args, {"backend": backend, "device_kind": kind})
+    ref = run_in_child(_run_reference, args, {"backend": backend, "device_kind": kind})
     if "skipped" in ref:
         print(f"reference not run: {ref['skipped']}")
         print(json.dumps(results))

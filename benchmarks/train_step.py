@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.child import run_in_child  # noqa: E402
 
 
 def _status_mib(field: str) -> float:
@@ -133,16 +134,6 @@ def _run_ours(weights_path: str, args, queue) -> None:
     queue.put(_timed(run, args.steps, baseline))
 
 
-def _child(target, weights_path, args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(weights_path, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -171,7 +162,7 @@ def main() -> None:
               f"{args.remat}, the reference eager PyTorch (no checkpointing)", flush=True)
         results = {}
         for name, target in (("reference", _run_reference), ("emu2_jax", _run_ours)):
-            results[name] = _child(target, weights, args)
+            results[name] = run_in_child(target, weights, args)
             r = results[name]
             print(f"{name:>10}: loss {r['loss']:.4f}  {r['seconds_per_step']:.2f} s/step  "
                   f"{tokens / r['seconds_per_step']:.1f} tokens/s  peak memory {r['peak_mib']:.0f} MiB with the "
