@@ -111,16 +111,19 @@ class DecoderTask:
 
     def training_flops(self, abstract_params: PyTree) -> float:
         """Matmul + convolution FLOPs (`metrics.traced_flops`: scanned blocks times their count, no
-        remat) of one row's forward (encoder x2 for the unconditional embedding, VAE encoder, UNet),
-        plus 2x the UNet forward for its backward, times the global batch."""
+        remat): per row, the forward (encoder, VAE encoder, UNet) plus 2x the UNet forward for its
+        backward; per microbatch, the unconditional encoding (`micro_loss` computes it once)."""
         rng = jax.random.key(0)
-        forward = metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
-                                       abstract_params, self.dummy_batch(1))
+        forward = [metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
+                                        abstract_params, self.dummy_batch(rows)) for rows in (1, 2)]
+        # Linear in the rows, plus the unconditional (zero input) encoding once per microbatch.
+        per_row, per_microbatch = forward[1] - forward[0], 2 * forward[0] - forward[1]
         unet = metrics.traced_flops(lambda p: self.model.apply(
             {"params": p}, jnp.zeros((1, *self.model_cfg.latent_shape)), jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, self.model_cfg.n_query, self.model_cfg.vision.width)), jnp.zeros((1, 6)),
             method=VisualDecoderModel.predict_noise), abstract_params)
-        return self.config.global_batch_size * (forward + 2 * unet)
+        microbatches = max(1, self.config.grad_accum_steps)
+        return self.config.global_batch_size * (per_row + 2 * unet) + microbatches * per_microbatch
 
     def create_iterator(self, batch_size: int, shard_index: int, shard_count: int):
         config = self.config

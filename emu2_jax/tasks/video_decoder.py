@@ -97,17 +97,20 @@ class VideoDecoderTask:
 
     def training_flops(self, abstract_params: PyTree) -> float:
         """Matmul + convolution FLOPs (`metrics.traced_flops`: scanned blocks times their count, no
-        remat) of one clip's forward (encoder, VAE encoder, projection, UNet), plus 2x the UNet forward
-        for its backward, times the global batch."""
+        remat): per clip, the forward (encoder, VAE encoder, UNet) plus 2x the UNet forward for its
+        backward; per microbatch, the unconditional encoding (`micro_loss` computes it once)."""
         rng = jax.random.key(0)
         d = self.model_cfg.unet.unet.cross_attention_dim
-        forward = metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
-                                       abstract_params, self.dummy_batch(1))
+        forward = [metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
+                                        abstract_params, self.dummy_batch(rows)) for rows in (1, 2)]
+        # Linear in the rows, plus the unconditional (zero input) encoding once per microbatch.
+        per_row, per_microbatch = forward[1] - forward[0], 2 * forward[0] - forward[1]
         unet = metrics.traced_flops(lambda p: self.model.apply(
             {"params": p}, jnp.zeros((1, *self.model_cfg.latent_shape)), jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, self.model_cfg.num_frames * self.model_cfg.v_query, d)), method=VideoDecoderModel.predict),
             abstract_params)
-        return self.config.global_batch_size * (forward + 2 * unet)
+        microbatches = max(1, self.config.grad_accum_steps)
+        return self.config.global_batch_size * (per_row + 2 * unet) + microbatches * per_microbatch
 
     def _iterator(self, batch_size: int, shard_index: int, shard_count: int, seed: int):
         # The video data path reads no text; the embedded tokenizer satisfies the interface.
