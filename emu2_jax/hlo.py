@@ -100,6 +100,7 @@ def collective_traffic(hlo_text: str) -> Traffic:
         calls[current] += [(callee, 1) for callee in _CALLS.findall(line)]
         for branches in _BRANCHES.findall(line):  # a conditional: its costliest branch (max below)
             calls[current].append(("|".join(b.strip().lstrip("%") for b in branches.split(",")), 1))
+
     def trip_constants(name: str, seen: frozenset = frozenset()) -> set[int]:
         """The s32 constants of a condition and of what it calls (TPU fuses the compare)."""
         found = set(constants[name])
