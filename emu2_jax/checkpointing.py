@@ -24,6 +24,7 @@ and loads a 3D video `unet` from a 2D one (SD 2.1) by inflating it (`unet3d.infl
 from __future__ import annotations
 
 import json
+import logging as pylogging  # the standard library's: asyncio logs through it (absl's `logging` below)
 import signal
 import sys
 import threading
@@ -154,14 +155,34 @@ def verify_state(state: PyTree, saved: Mapping[str, Sequence[int]] | None) -> li
     return problems
 
 
+def _is_read_error(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is Orbax / TensorStore failing to read an array."""
+    while error is not None:
+        if "while reading array index" in str(error) or "Error reading" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _ReadEchoFilter(pylogging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for Orbax's sibling reads that failed
+    after the restore had already failed (their error is the one reported)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved") and _is_read_error(error))
+
+
 def _drop_failed_read_aftermath() -> None:
     """Silences the echoes of a failed restore, whose error is reported once: Orbax's other reads
     still finish, on TensorStore's threads, into its closed event loop, and each prints a traceback
-    ('Event loop is closed', or its own read error from an abandoned coroutine). Anything else
-    still reaches the previous hook."""
+    ('Event loop is closed', or its own read error from an abandoned coroutine, or, when asyncio
+    collects such a task, 'Task exception was never retrieved'). Anything else still reaches the
+    previous hook and asyncio's log."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_failed_read_aftermath", False):
         return
+    pylogging.getLogger("asyncio").addFilter(_ReadEchoFilter())
 
     def hook(unraisable: Any) -> None:
         echo = (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
