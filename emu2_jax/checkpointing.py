@@ -165,12 +165,13 @@ def _is_read_error(error: BaseException | None) -> bool:
 
 
 class _ReadEchoFilter(pylogging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' for Orbax's sibling reads that failed
+    """Drops asyncio's '... exception was never retrieved' for Orbax's sibling reads that failed
     after the restore had already failed (their error is the one reported)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith("Task exception was never retrieved") and _is_read_error(error))
+        first_line = record.getMessage().split("\n", 1)[0]  # Task / Future / _GatheringFuture ...
+        return not (first_line.endswith("exception was never retrieved") and _is_read_error(error))
 
 
 def _drop_failed_read_aftermath() -> None:
