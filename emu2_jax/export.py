@@ -34,7 +34,7 @@ from emu2_jax import checkpointing
 from emu2_jax.convert.diffusers import _SCANNED, _torch_stem
 from emu2_jax.convert.layouts import emu2_config_to_hf
 from emu2_jax.convert.llama import llama_entries
-from emu2_jax.convert.stream import _contiguous
+from emu2_jax.convert.stream import _stored
 from emu2_jax.models import llama
 from emu2_jax.models.emu2 import Emu2Config
 
@@ -121,7 +121,7 @@ class ShardWriter:
         self.total = 0
 
     def add(self, key: str, value: np.ndarray) -> None:
-        value = _contiguous(value)
+        value = _stored(value, value.dtype)
         if self.current and self.size + value.nbytes > self.max_bytes:
             self._flush()
         self.current[key], self.size = value, self.size + value.nbytes

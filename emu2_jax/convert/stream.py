@@ -344,42 +344,36 @@ def _numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-def _contiguous(value: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of a transposed view, made by torch on the raw bits: twice as fast as
-    numpy's strided copy for these large 2-byte transposes (the bulk of a conversion's CPU time)."""
-    import torch
-
-    if value.flags.c_contiguous:
-        return value
-    if min(value.strides, default=0) < 0:
-        return np.ascontiguousarray(value)
-    bits = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[value.dtype.itemsize]
-    with warnings.catch_warnings():  # a read-only view (restored params) is only read here
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(value.view(bits)).contiguous().numpy().view(value.dtype)
+_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def _as_torch(value: np.ndarray) -> Any:
-    """A torch view of `value` (bfloat16 through its int16 bits: torch cannot take ml_dtypes arrays)."""
+def _as_torch(value: np.ndarray, *, raw: bool = False) -> Any:
+    """A torch view of `value`: of its raw bits (`raw`, any dtype), else of its floats (bfloat16
+    through its int16 bits: torch cannot take ml_dtypes arrays)."""
     import torch
 
     with warnings.catch_warnings():  # a read-only view (restored params) is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if raw:
+            return torch.from_numpy(value.view(_BITS[value.dtype.itemsize]))
         if str(value.dtype) == "bfloat16":
             return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(value)
 
 
-def _stored(value: np.ndarray, dtype: np.dtype, buffers: Buffers | None) -> np.ndarray:
+def _stored(value: np.ndarray, dtype: Any, buffers: Buffers | None = None) -> np.ndarray:
     """`value` C-contiguous in `dtype`: itself when it already is, else copied by torch (multithreaded,
-    casting on the way) into a buffer of `buffers`."""
+    casting floats on the way; twice as fast as numpy's strided copy for these large 2-byte
+    transposes, the bulk of a conversion's CPU time) into a buffer of `buffers` (or a new array)."""
+    dtype = np.dtype(dtype)
     if value.flags.c_contiguous and value.dtype == dtype:
         return value
-    if buffers is None or min(value.strides, default=0) < 0 or not {str(value.dtype), str(dtype)} <= set(_FLOATS):
-        return _contiguous(value).astype(dtype, copy=False)
-    out = buffers.take(value.shape, dtype)
+    same = value.dtype == dtype
+    if min(value.strides, default=0) < 0 or not (same or {str(value.dtype), str(dtype)} <= set(_FLOATS)):
+        return np.ascontiguousarray(value).astype(dtype, copy=False)
+    out = buffers.take(value.shape, dtype) if buffers else np.empty(value.shape, dtype)
     source = _coalesced(value)  # e.g. [in, heads, head_dim] of a transposed [heads * head_dim, in]: 2D
-    _as_torch(out.reshape(source.shape)).copy_(_as_torch(source))
+    _as_torch(out.reshape(source.shape), raw=same).copy_(_as_torch(source, raw=same))
     return out
 
 
