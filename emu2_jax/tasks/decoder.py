@@ -7,7 +7,7 @@ embedding for a fraction of the samples so that classifier-free guidance works a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -54,6 +54,20 @@ def model_config(config: ml_collections.ConfigDict) -> DecoderModelConfig:
         projection_class_embeddings_input_dim=vision.width + unet_lib.NUM_TIME_IDS * unet_cfg.addition_time_embed_dim)
     return DecoderModelConfig(vision=vision, unet=unet_cfg, vae=VAE_PRESETS[config.decoder.vae](**common),
                               n_query=emu2_cfg.n_query, decoder_image_size=config.data.decoder_image_size)
+
+
+def denoiser_training_flops(task: Any, abstract_params: PyTree, unet_forward: Callable[[PyTree], Any]) -> float:
+    """Matmul + convolution FLOPs of a decoder task's step (`metrics.traced_flops`: scanned blocks
+    times their count, no remat): per row, `task.micro_loss`'s forward plus 2x the UNet forward
+    (`unet_forward` of one row) for its backward; per microbatch, the unconditional encoding that
+    `micro_loss` computes once (the forward is linear in the rows plus that)."""
+    rng = jax.random.key(0)
+    forward = [metrics.traced_flops(lambda p, b: task.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
+                                    abstract_params, task.dummy_batch(rows)) for rows in (1, 2)]
+    per_row, per_microbatch = forward[1] - forward[0], 2 * forward[0] - forward[1]
+    unet = metrics.traced_flops(unet_forward, abstract_params)
+    microbatches = max(1, task.config.grad_accum_steps)
+    return task.config.global_batch_size * (per_row + 2 * unet) + microbatches * per_microbatch
 
 
 def drop_condition(rng: jax.Array, cond: jax.Array, uncond: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
@@ -110,20 +124,11 @@ class DecoderTask:
         return {"tokens": jnp.zeros((), jnp.float32), "images": jnp.asarray(rows, jnp.float32)}
 
     def training_flops(self, abstract_params: PyTree) -> float:
-        """Matmul + convolution FLOPs (`metrics.traced_flops`: scanned blocks times their count, no
-        remat): per row, the forward (encoder, VAE encoder, UNet) plus 2x the UNet forward for its
-        backward; per microbatch, the unconditional encoding (`micro_loss` computes it once)."""
-        rng = jax.random.key(0)
-        forward = [metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
-                                        abstract_params, self.dummy_batch(rows)) for rows in (1, 2)]
-        # Linear in the rows, plus the unconditional (zero input) encoding once per microbatch.
-        per_row, per_microbatch = forward[1] - forward[0], 2 * forward[0] - forward[1]
-        unet = metrics.traced_flops(lambda p: self.model.apply(
+        """`denoiser_training_flops` of one row (encoder, VAE encoder, UNet)."""
+        return denoiser_training_flops(self, abstract_params, lambda p: self.model.apply(
             {"params": p}, jnp.zeros((1, *self.model_cfg.latent_shape)), jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, self.model_cfg.n_query, self.model_cfg.vision.width)), jnp.zeros((1, 6)),
-            method=VisualDecoderModel.predict_noise), abstract_params)
-        microbatches = max(1, self.config.grad_accum_steps)
-        return self.config.global_batch_size * (per_row + 2 * unet) + microbatches * per_microbatch
+            method=VisualDecoderModel.predict_noise))
 
     def create_iterator(self, batch_size: int, shard_index: int, shard_count: int):
         config = self.config

@@ -30,7 +30,7 @@ from emu2_jax.models.video_decoder import (
     sample_video,
     unconditional_features,
 )
-from emu2_jax.tasks.decoder import drop_condition, frozen_encoder
+from emu2_jax.tasks.decoder import denoiser_training_flops, drop_condition, frozen_encoder
 
 PyTree = Any
 COMPONENTS = ("visual", "cond_proj", "unet", "vae")
@@ -96,21 +96,11 @@ class VideoDecoderTask:
         return {"tokens": jnp.zeros((), jnp.float32), "images": jnp.asarray(frames, jnp.float32)}
 
     def training_flops(self, abstract_params: PyTree) -> float:
-        """Matmul + convolution FLOPs (`metrics.traced_flops`: scanned blocks times their count, no
-        remat): per clip, the forward (encoder, VAE encoder, UNet) plus 2x the UNet forward for its
-        backward; per microbatch, the unconditional encoding (`micro_loss` computes it once)."""
-        rng = jax.random.key(0)
+        """`decoder.denoiser_training_flops` of one clip (encoder, VAE encoder, projection, UNet)."""
         d = self.model_cfg.unet.unet.cross_attention_dim
-        forward = [metrics.traced_flops(lambda p, b: self.micro_loss(p, b, {"rows": jnp.ones(())}, rng)[0],
-                                        abstract_params, self.dummy_batch(rows)) for rows in (1, 2)]
-        # Linear in the rows, plus the unconditional (zero input) encoding once per microbatch.
-        per_row, per_microbatch = forward[1] - forward[0], 2 * forward[0] - forward[1]
-        unet = metrics.traced_flops(lambda p: self.model.apply(
+        return denoiser_training_flops(self, abstract_params, lambda p: self.model.apply(
             {"params": p}, jnp.zeros((1, *self.model_cfg.latent_shape)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, self.model_cfg.num_frames * self.model_cfg.v_query, d)), method=VideoDecoderModel.predict),
-            abstract_params)
-        microbatches = max(1, self.config.grad_accum_steps)
-        return self.config.global_batch_size * (per_row + 2 * unet) + microbatches * per_microbatch
+            jnp.zeros((1, self.model_cfg.num_frames * self.model_cfg.v_query, d)), method=VideoDecoderModel.predict))
 
     def _iterator(self, batch_size: int, shard_index: int, shard_count: int, seed: int):
         # The video data path reads no text; the embedded tokenizer satisfies the interface.
