@@ -8,8 +8,7 @@ explicitly is kept. Candidates:
 - tensor in {1, 2, 4, 8}, dividing every dimension the rules put on `tensor` (heads, MLP, vocab);
 - data x fsdp splitting the rest, the global batch divisible over the batch shards;
 - an accumulation dividing each batch shard's rows;
-- a remat policy among AUTO_POLICIES (only `full` so far: the others' activations are not yet
-  calibrated).
+- a remat policy among AUTO_POLICIES (all but `none`).
 
 Each is scored by an analytic model:
 
@@ -49,24 +48,23 @@ GIB = 2 ** 30
 AUTO = "auto"
 NEAR_TIE = 1.01          # step estimates this close are ties
 HEADROOM = 0.85          # of HBM: XLA's own buffers, fragmentation, the data pipeline's prefetch
-# Calibration against XLA:TPU's memory_analysis of five compiled 37B steps (remat full: the four
-# stages of the README's fits table on v5p-256, and stage 2 on v5p-128 at (1, 32, 2) x 145): the
-# estimate is 1.00-1.37x the compiled peak, never below; 0.98-1.66x on the plans compiled since
-# (docs/sharding.md). XLA keeps each saved residual 2-3 times over (float32 and compute-dtype
-# copies, the scan's stacked carries). Not calibrated for data > 1: stage 2 at (2, 8, 4) x 290 on
-# v5p-128 was estimated at 74.8 GiB and compiled at 87.7 (HEADROOM covers it).
-KEPT_FACTOR = 2.65
-WORKING_FACTOR = 0.9
-FIXED_GIB = 1.0          # code, collective buffers, the step's scalars
-REMAT_POLICIES = ("none", "minimal", "save_qkv_proj", "full")
-# The policies `remat_policy="auto"` picks from: those whose activation estimate has been checked
-# against compiled 37B steps. `minimal` was not: at stage 2 on v5p-128, (1, 32, 2) x 725 microbatches,
-# it was estimated at 41 GiB and XLA:TPU needed 170 GiB of temporaries (tests/test_plan.py).
-AUTO_POLICIES = ("full",)
-# Fraction of the forward pass recomputed in the backward pass, as extra FLOPs over a trained
-# model's 3 passes: full recomputes everything (+1/3); minimal keeps the projections and recomputes
-# the attention scores and the MLP's gate/up (+~1/10); save_qkv_proj also recomputes o and the MLP.
-RECOMPUTE = {"none": 1.0, "minimal": 1.10, "save_qkv_proj": 1.22, "full": 4 / 3}
+# Calibration against XLA:TPU's memory_analysis of compiled 37B steps with uint8 pixel rows (stage
+# 2 on v5p-128 under every policy at 145 and 725 microbatches, and the chosen plans of the fits
+# tables, docs/sharding.md): what a policy keeps is held about once, the working set about once,
+# plus a few GiB that scale with neither (the step's own buffers, the loss chunk's logits).
+KEPT_FACTOR = 1.0
+WORKING_FACTOR = 1.0
+FIXED_GIB = 4.3          # code, collective buffers, the step's fixed-size buffers
+REMAT_POLICIES = ("none", "dots_no_batch", "minimal", "save_qkv_proj", "full")
+# The policies `remat_policy="auto"` picks from: those whose activation estimate is at most 16% below
+# compiled 37B steps (HEADROOM absorbs that). Not `none`: with the encoder training (stage 1), XLA
+# keeps 1.2-1.5x the estimate, and dots_no_batch costs at most 2% more FLOPs.
+AUTO_POLICIES = REMAT_POLICIES[1:]
+# Recomputed FLOPs in the backward pass, as a factor over a trained model's 3 passes: XLA:TPU's
+# program FLOPs over those of `none` on stage 2 (v5p-128): dots_no_batch keeps every matmul output
+# without a batch dimension and recomputes attention only; minimal also recomputes the MLP's
+# gate / up; save_qkv_proj also o and down; full everything.
+RECOMPUTE = {"none": 1.0, "dots_no_batch": 1.014, "minimal": 1.132, "save_qkv_proj": 1.154, "full": 1.221}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,23 +164,32 @@ def state_bytes(boxed_params: Any, is_trainable: Any, mesh: jax.sharding.Mesh, r
     return total
 
 
+def _kept_per_token(policy: str, d: float, qkv: float, f: float, scores: float, cb: int) -> float:
+    """Elements of the compute dtype one transformer block keeps per token for the backward pass
+    under `policy`: d the width, qkv / f the query-key-value and MLP widths on this chip, scores
+    this chip's attention scores per token."""
+    return {"full": d, "save_qkv_proj": d + qkv, "minimal": 3 * d + qkv, "dots_no_batch": 3 * d + qkv + 2 * f,
+            # none: also the rotated q, k, the norms' float32 inputs and float32 scores + probabilities
+            "none": 10 * d + 2 * qkv + 3 * f + scores * (4 + cb) / cb}[policy]
+
+
 def llm_activation_bytes(model_cfg: Any, config: ml_collections.ConfigDict, rows: int, tensor: int,
                          policy: str, vision_trained: bool) -> tuple[float, float]:
     """(kept, working): one microbatch's activations on one chip, `rows` rows of `seq_len` tokens
     and `max_images_per_row` images, heads / MLP / vocab split `tensor` ways. Kept: what the remat
-    policy saves for the backward pass, every layer; working: one layer's forward + backward at once,
-    the chunked loss and the encoder."""
+    policy saves for the backward pass, every layer (the encoder's too when it trains); working: one
+    layer's forward + backward at once, the chunked loss and the encoder."""
     llm, vision = model_cfg.llm, model_cfg.vision
     cb = _bytes(llm.dtype)
     s, d, f, t = config.seq_len, llm.hidden_size, llm.intermediate_size, tensor
-    qkv = (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim / t
     scores = llm.num_heads / t * s          # per token: one row of each head's attention scores
-    kept_per_token = {"full": d, "save_qkv_proj": d + qkv, "minimal": 3 * d + qkv,
-                      "none": 6 * d + qkv + 3 * f / t + scores * (4 + cb) / cb}[policy]
+    kept = llm.num_layers * rows * s * cb * _kept_per_token(
+        policy, d, (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim / t, f / t, scores, cb)
     images = rows * max(config.max_images_per_row, 1)
     tokens = vision.num_patches + 1
-    kept = llm.num_layers * rows * s * kept_per_token * cb
-    kept += vision.depth * images * tokens * vision.width * cb if vision_trained else 0.0
+    if vision_trained:
+        kept += vision.depth * images * tokens * cb * _kept_per_token(
+            policy, vision.width, 3 * vision.width / t, vision.mlp_dim / t, vision.num_heads / t * tokens, cb)
     # Scores and probabilities in float32 and their gradients, the MLP's hidden activations,
     # float32 residual gradients.
     working = rows * s * (scores * (8 + cb) + 4 * f / t * cb + 8 * d * 4)
