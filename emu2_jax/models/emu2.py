@@ -105,14 +105,18 @@ class Emu2Model(nn.Module):
         self.project_down = layers.dense(cfg.visual_embed_dim, (sh.EMBED, sh.VISION_EMBED), dtype=cfg.llm.dtype,
                                          param_dtype=cfg.llm.param_dtype)
 
-    def encode_images(self, images: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
-        """images [M, H, W, 3] -> (visual embeddings [M, n, Dv], LLM-width embeddings [M, n, D])."""
+    def visual_tokens(self, images: jax.Array) -> jax.Array:
+        """images [M, H, W, 3] -> the encoder tokens the connector reads [M, T, Dv]."""
         chex.assert_rank(images, 4)
         tokens = self.visual(images)
         ct = self.config.causal_transformer
         if not (self.config.connector == "causal_transformer" and ct.include_cls):
             tokens = tokens[:, 1:]  # drop CLS: the connector reads patch tokens only
-        return self.connector(tokens, num_tokens)
+        return tokens
+
+    def encode_images(self, images: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+        """images [M, H, W, 3] -> (visual embeddings [M, n, Dv], LLM-width embeddings [M, n, D])."""
+        return self.connector(self.visual_tokens(images), num_tokens)
 
     def embed_inputs(self, tokens: jax.Array, images: jax.Array, image_valid: jax.Array,
                      image_is_frame: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -134,10 +138,13 @@ class Emu2Model(nn.Module):
         flat = images.reshape(batch * num_slots, *images.shape[2:])
         kinds = [(cfg.image_token_id, cfg.n_query, image_valid & ~image_is_frame),
                  (cfg.frame_token_id, cfg.v_query, image_valid & image_is_frame)]
+        # The encoder runs once; stills and frames differ only in how its tokens are pooled (Emu2-Chat:
+        # 16x16 vs 8x8), so each pooling of every slot is computed and the kind's slots are kept.
+        visual_tokens = self.visual_tokens(flat)
         encoded = {}
         for token_id, num_tokens, slot_valid in kinds:
             if num_tokens not in encoded:
-                encoded[num_tokens] = self.encode_images(flat, num_tokens)
+                encoded[num_tokens] = self.connector(visual_tokens, num_tokens)
             visual, projected = encoded[num_tokens]
             token_valid = jnp.repeat(slot_valid, num_tokens, axis=1)
             visual = _compact_valid(visual.reshape(batch, num_slots * num_tokens, -1), token_valid)
