@@ -96,7 +96,7 @@ def test_estimate_tracks_the_compiled_step_on_the_simulated_mesh():
     assert 0.5 <= ratio <= 3, ratio
 
 
-def test_explicit_uncalibrated_policy_is_estimated():
+def test_explicit_policy_is_the_only_one_estimated():
     config = auto_config()
     config.model_overrides.remat_policy = "minimal"
     plans = plan.score(config, jax.devices(), chip(1000))

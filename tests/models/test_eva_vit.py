@@ -133,7 +133,7 @@ def test_invalid_config_raises():
         VisionConfig(remat_policy="sometimes")
 
 
-@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj"])
+@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj", "dots_no_batch"])
 def test_remat_policies_match_none_gradients(policy):
     params = nn.unbox(_init(POST_NORM))["params"]
     images = jax.random.normal(jax.random.PRNGKey(2), (2, POST_NORM.image_size, POST_NORM.image_size, 3))

@@ -177,7 +177,7 @@ def test_bf16_compute_close_to_fp32():
     assert 0 < err <= 0.05 * np.max(np.abs(ref)), err
 
 
-@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj"])
+@pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj", "dots_no_batch"])
 def test_remat_policies_match_no_remat_gradients(policy):
     config = tiny_config(num_kv_heads=2)
     params = nn.unbox(init_params(config))["params"]
