@@ -105,7 +105,7 @@ def _run_ours(weights_path: str, args, queue) -> None:
     size = config.vision.image_size
 
     def no_images(rows):
-        return {"images": np.zeros((rows, 0, size, size, 3), np.float32),
+        return {"images": np.zeros((rows, 0, size, 3 * size), np.uint8),
                 "image_valid": np.zeros((rows, 0), bool), "image_is_frame": np.zeros((rows, 0), bool)}
 
     # The vision tower and projections are unused by text-only prompts: zeros of the right shapes.

@@ -73,7 +73,7 @@ def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict
         "image_loss_mask": (targets == config.image_token_id).astype(np.float32),
         "segment_ids": np.ones_like(tokens),
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
-        "images": rng.normal(size=(batch, images, size, size, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, size=(batch, images, size, 3 * size), dtype=np.uint8),  # pixel rows
         "image_valid": np.ones((batch, images), bool),
         "image_is_frame": np.zeros((batch, images), bool),
     }
@@ -214,10 +214,11 @@ def _run_reference(args, info, queue) -> None:
     trainable = [p for name, p in modules.named_parameters() if not name.startswith("visual.")]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05,
                                   fused=device.type == "cuda")
-    batch = {k: torch.from_numpy(v).to(device)
-             for k, v in _batch(config, args.batch, args.images, args.seq_len).items()}
+    batch = {k: torch.from_numpy(v) for k, v in _batch(config, args.batch, args.images, args.seq_len).items()}
+    # Ours CLIP-normalises the uint8 pixel rows on device; the reference gets the same floats from the host.
+    pixels = torch_refs.reference_pixels(batch["images"]).to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
     tokens, targets = batch["tokens"].long(), batch["targets"].long()
-    pixels = batch["images"].flatten(0, 1).permute(0, 3, 1, 2)
 
     def loss_fn(tokens, targets, pixels, text_mask, image_mask):
         b, length = tokens.shape

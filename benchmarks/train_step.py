@@ -74,7 +74,7 @@ def _batch(config, batch: int, images: int, seq_len: int, seed: int = 0) -> dict
         "image_loss_mask": (np.roll(tokens, -1, axis=1) == config.image_token_id).astype(np.float32),
         "segment_ids": np.ones_like(tokens),
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
-        "images": rng.normal(size=(batch, images, size, size, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, size=(batch, images, size, 3 * size), dtype=np.uint8),  # pixel rows
         "image_valid": np.ones((batch, images), bool),
         "image_is_frame": np.zeros((batch, images), bool),
     }

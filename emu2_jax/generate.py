@@ -134,8 +134,8 @@ def generate_images(loaded: checkpoints.LoadedLlm, rows: list[prompts.Row], raw:
         if not index:
             continue
         if autoencode:
-            pixels = np.stack([prompts.encoder_pixels(raw[i][1][0], decoder.model.config.vision.image_size)
-                               for i in index])
+            size = decoder.model.config.vision.image_size
+            pixels = image_lib.normalize(np.stack([prompts.encoder_pixels(raw[i][1][0], size) for i in index]))
             drawn, cond = generator.autoencode(pixels, rng, num_steps=f.steps, guidance_scale=f.guidance)
         else:
             batch = prompts.batch([rows[i] for i in index], cfg, tok.pad_id)

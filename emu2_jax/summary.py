@@ -7,26 +7,18 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
 
+from emu2_jax.data import layout
 from emu2_jax.models import emu2, presets
 
 
 def abstract_params(config: emu2.Emu2Config) -> dict:
     """Parameter shapes/dtypes of `Emu2Model(config)` via `jax.eval_shape` (nothing allocated)."""
-    vision = config.vision
-    batch = {
-        "tokens": jnp.zeros((1, 8), jnp.int32),
-        "positions": jnp.zeros((1, 8), jnp.int32),
-        "segment_ids": jnp.ones((1, 8), jnp.int32),
-        "images": jnp.zeros((1, 1, vision.image_size, vision.image_size, 3), jnp.float32),
-        "image_valid": jnp.ones((1, 1), bool),
-        "image_is_frame": jnp.zeros((1, 1), bool),
-    }
+    prompt = layout.abstract(layout.PROMPT, rows=1, seq_len=8, slots=1, image_size=config.vision.image_size)
     model = emu2.Emu2Model(config)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+    variables = jax.eval_shape(lambda batch: model.init(jax.random.key(0), batch), prompt)
     return nn.unbox(variables)["params"]
 
 

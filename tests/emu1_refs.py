@@ -19,7 +19,7 @@ library blocks, with its state dict in the release's exact key layout.
 import numpy as np
 import torch
 
-from tests.torch_refs import hf_llama, state_dict_np, timm_eva
+from tests.torch_refs import hf_llama, reference_pixels, state_dict_np, timm_eva
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -116,9 +116,8 @@ def emu1_reference_forward(modules: torch.nn.ModuleDict, batch: dict, cfg) -> di
     """The release's math for rows whose images are all valid still images: EVA forward_features (all
     tokens) -> ln_visual -> cformer -> the `<image>` positions of the LLaMA input embeddings ->
     logits, and stu_regress_head of the final-norm hidden states (`Emu.generate_image`)."""
-    images, tokens = batch["images"], batch["tokens"]
-    b, m = images.shape[:2]
-    pixels = images.reshape(b * m, *images.shape[2:]).permute(0, 3, 1, 2)
+    tokens = batch["tokens"]
+    pixels = reference_pixels(batch["images"])
     features = modules["ln_visual"](modules["visual"].forward_features(pixels))
     visual = modules["cformer"](features)  # [b * m, N, D]
     lm = modules["decoder"]["lm"]

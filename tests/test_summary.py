@@ -20,7 +20,7 @@ def test_tiny_abstract_count_equals_materialised_params():
     batch = {k: np.asarray(v) for k, v in jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), {
         "tokens": jax.ShapeDtypeStruct((1, 8), np.int32), "positions": jax.ShapeDtypeStruct((1, 8), np.int32),
         "segment_ids": jax.ShapeDtypeStruct((1, 8), np.int32),
-        "images": jax.ShapeDtypeStruct((1, 1, 56, 56, 3), np.float32),
+        "images": jax.ShapeDtypeStruct((1, 1, 56, 3 * 56), np.uint8),
         "image_valid": jax.ShapeDtypeStruct((1, 1), bool), "image_is_frame": jax.ShapeDtypeStruct((1, 1), bool),
     }).items()}
     real = nn.unbox(emu2.Emu2Model(config).init(jax.random.key(0), batch))["params"]

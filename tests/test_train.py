@@ -15,7 +15,6 @@ import pytest
 
 from configs import chat, emu1_chat, gen, stage1, stage2
 from emu2_jax import metrics, train
-from emu2_jax.data import images as image_lib
 from emu2_jax.data import pipeline, tokenizer
 from emu2_jax.tasks import llm as llm_task
 from tests import cli, tb_events
@@ -106,7 +105,7 @@ def test_nonfinite_update_is_skipped(stage2_single):
     config, trainer, batches = stage2_single
     state = train.init_state(trainer, config)
     before = _host(state)
-    poisoned = {**batches[1], "images": np.full_like(batches[1]["images"], np.nan)}
+    poisoned = {**batches[1], "image_loss_mask": np.full_like(batches[1]["image_loss_mask"], np.nan)}
     state, step_metrics = trainer.train_step(state, train.make_global_batch(poisoned, trainer.batch_sharding, 1))
     assert float(step_metrics["nonfinite"]) == 1.0 and not np.isfinite(float(step_metrics["loss"]))
     after = _host(state)
@@ -135,7 +134,8 @@ def test_lora_trains_only_the_adapters():
 
 
 class _PoisonAt:
-    """Wraps the data iterator: batch number `at` (1-based) gets NaN images."""
+    """Wraps the data iterator: batch number `at` (1-based) gets a NaN image loss mask (uint8 pixels
+    hold no NaN)."""
 
     def __init__(self, inner, at):
         self._inner, self._at, self._count = inner, at, 0
@@ -143,7 +143,8 @@ class _PoisonAt:
     def __next__(self):
         self._count += 1
         batch = next(self._inner)
-        return {**batch, "images": np.full_like(batch["images"], np.nan)} if self._count == self._at else batch
+        poison = {"image_loss_mask": np.full_like(batch["image_loss_mask"], np.nan)}
+        return {**batch, **poison} if self._count == self._at else batch
 
     def get_state(self):
         return self._inner.get_state()
@@ -190,10 +191,10 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     reproduced = [s["caption"] in captions[s["image"]] for s in samples]
     assert sum(reproduced) >= 3, samples
 
-    # The same samples in TensorBoard: the input images (CLIP normalisation undone) and their captions.
+    # The same samples in TensorBoard: the input images (as the encoder gets them) and their captions.
     images = tb_events.read_images(events)
     size = llm_task.model_config(config).vision.image_size
-    expected = image_lib.denormalize(llm_task.load_sample_images(config, size)[1])
+    expected = llm_task.load_sample_images(config, size)[1]
     assert list(images) == [100] and list(images[100]) == [f"samples/{i}" for i in range(4)]
     for i in range(4):
         np.testing.assert_array_equal(images[100][f"samples/{i}"], expected[i])

@@ -58,6 +58,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from timm.models.eva import Eva  # noqa: E402
 
+from emu2_jax.data import images as image_lib  # noqa: E402
 from emu2_jax.models.eva_vit import VisionConfig  # noqa: E402
 from emu2_jax.models.llama import LlamaConfig  # noqa: E402
 
@@ -128,14 +129,22 @@ def emu2_reference(config, seed: int = 0) -> torch.nn.ModuleDict:
     })
 
 
+def reference_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The batch's uint8 pixel rows [B, M, S, S * 3] (which ours CLIP-normalises on device) as the
+    references' encoder input: float32 NCHW [B * M, 3, S, S], CLIP-normalised on the host by
+    `images.normalize` (the release's ToTensor + Normalize)."""
+    b, m, size = images.shape[:3]
+    return torch.from_numpy(image_lib.normalize(images.numpy().reshape(b * m, size, size, 3))).permute(0, 3, 1, 2)
+
+
 def emu2_reference_forward(modules: torch.nn.ModuleDict, batch: dict, config) -> dict[str, torch.Tensor]:
     """Emu2's forward as the official code computes it (SPEC.md §2, §4) for rows whose images are all
     valid still images: EVA patch tokens -> avg_pool2d -> project_up into the `<image>` positions ->
     LLaMA -> logits, and project_down of the final-norm hidden state regressing the next visual slot."""
-    images, tokens = batch["images"], batch["tokens"]
-    b, m = images.shape[:2]
+    tokens = batch["tokens"]
+    b, m = batch["images"].shape[:2]
     grid, side = config.vision.grid_size, int(config.n_query ** 0.5)
-    pixels = images.reshape(b * m, *images.shape[2:]).permute(0, 3, 1, 2)
+    pixels = reference_pixels(batch["images"])
     patches = modules["visual"].forward_features(pixels)[:, 1:]
     pooled = torch.nn.functional.avg_pool2d(patches.transpose(1, 2).reshape(b * m, -1, grid, grid),
                                             grid // side).flatten(2).transpose(1, 2)

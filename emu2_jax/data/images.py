@@ -1,6 +1,6 @@
-"""Pixels: decoding, the encoder's resize + CLIP normalisation (and its inverse), uniform frame
-sampling, the SDXL-style decoder targets (with original_size / crop_coords / target_size) and the
-box images of Emu2-Gen's grounded prompts."""
+"""Pixels: decoding, the encoder's resize + CLIP normalisation (and its inverse), the LLM batch's
+uint8 pixel rows, uniform frame sampling, the SDXL-style decoder targets (with original_size /
+crop_coords / target_size) and the box images of Emu2-Gen's grounded prompts."""
 from __future__ import annotations
 
 import io
@@ -107,6 +107,16 @@ def resize_for_encoder(pixels: np.ndarray, size: int, mode: str = "squash") -> n
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 [..., 3] -> float32 CLIP-normalised pixels."""
     return (pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def to_pixel_rows(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> uint8 [..., H, W * 3], the LLM batch's `images` (docs/batch.md): the
+    RGB bytes of each pixel row side by side, a reshape (no copy of a contiguous array). The model
+    turns them back into CLIP-normalised [..., H, W, 3] on device (`emu2.pixel_rows_to_images`)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"pixel rows are made of uint8 [..., H, W, 3] images, not {pixels.dtype}{list(pixels.shape)}")
+    return pixels.reshape(*pixels.shape[:-2], pixels.shape[-2] * 3)
 
 
 def denormalize(pixels: np.ndarray) -> np.ndarray:

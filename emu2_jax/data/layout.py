@@ -6,6 +6,7 @@ with named sizes, resolved by `shapes(layout, **sizes)`:
 
     rows          batch rows                       seq_len       tokens per row
     slots         image / frame slots per row      image_size    encoder input side (pixels)
+    pixel_row     RGB bytes of one pixel row: 3 * image_size (derived: `shapes` fills it in)
     decoder_size  visual-decoder target side (pixels)
     frames        frames per clip (video decoder)
 
@@ -39,7 +40,12 @@ LLM: Layout = (
     Field("image_loss_mask", ("rows", "seq_len"), np.float32),  # regress the next visual embedding
     Field("segment_ids", ("rows", "seq_len"), np.int32),     # packed documents 1, 2, ...; 0 = padding
     Field("positions", ("rows", "seq_len"), np.int32),       # from 0 in each segment
-    Field("images", ("rows", "slots", "image_size", "image_size", 3), np.float32),  # CLIP-normalised
+    # uint8 "pixel rows": each image's [H, W, 3] RGB bytes with the last two dims merged (a free
+    # reshape), converted to float and CLIP-normalised on device (`emu2.pixel_rows_to_images`).
+    # A quarter of float32's host->device traffic, and a lane-dense minor dimension: XLA:TPU pads a
+    # minor dimension of 3 (or of 8 slots) to 128 lanes, and the float32 [.., H, W, 3] images of
+    # stage 2 (13 GiB per chip) cost 70-155 GiB of re-laid-out temporaries (docs/batch.md).
+    Field("images", ("rows", "slots", "image_size", "pixel_row"), np.uint8),
     Field("image_valid", ("rows", "slots"), np.bool_),       # filled slots come first
     Field("image_is_frame", ("rows", "slots"), np.bool_),    # video frame ([gIMG] * v_query) vs still
 )
@@ -65,8 +71,20 @@ def keys(layout: Layout) -> tuple[str, ...]:
     return tuple(f.name for f in layout)
 
 
+def _derive(sizes: Mapping[str, int]) -> dict[str, int]:
+    """`sizes` with the derived named sizes filled in (a given one must agree)."""
+    out = dict(sizes)
+    if "image_size" in out:
+        want = 3 * out["image_size"]
+        if out.setdefault("pixel_row", want) != want:
+            raise ValueError(f"pixel_row={out['pixel_row']} is not 3 * image_size={out['image_size']}")
+    return out
+
+
 def shapes(layout: Layout, **sizes: int) -> dict[str, tuple[int, ...]]:
-    """{name: concrete shape}; every named size the layout uses must be given."""
+    """{name: concrete shape}; every named size the layout uses must be given, but for the derived
+    `pixel_row` (3 * image_size)."""
+    sizes = _derive(sizes)
     missing = sorted({d for f in layout for d in f.dims if isinstance(d, str)} - set(sizes))
     if missing:
         raise ValueError(f"batch layout needs the sizes {missing}")
@@ -95,8 +113,9 @@ def check(layout: Layout, batch: Mapping[str, np.ndarray], **sizes: int) -> None
         if len(got) != len(f.dims):
             raise ValueError(f"batch[{f.name!r}] has shape {got}; expected {f.dims}")
         for dim, size in zip(f.dims, got):
-            if isinstance(dim, str):
+            if isinstance(dim, str) and dim != "pixel_row":  # derived, so checked against image_size
                 resolved.setdefault(dim, size)
+    resolved = _derive(resolved)
     want = shapes(layout, **resolved)
     for f in layout:
         value = batch[f.name]

@@ -63,21 +63,21 @@ class RowPacker:
         self.segment_ids[rows] = self.segments
         self.positions[rows] = np.arange(n)
         for pixels in ex.images:
-            if pixels.shape != (self.image_size, self.image_size, 3):
-                raise ValueError(f"image of shape {pixels.shape}, expected "
-                                 f"{(self.image_size, self.image_size, 3)}")
+            if pixels.shape != (self.image_size, self.image_size, 3) or pixels.dtype != np.uint8:
+                raise ValueError(f"image of {pixels.dtype}{list(pixels.shape)}, expected "
+                                 f"uint8{[self.image_size, self.image_size, 3]}")
         self.images += ex.images
         self.is_frame += ex.is_frame
         self.samples += start == 0
         self.used += n
 
     def finish(self) -> dict[str, np.ndarray]:
-        """The row as the arrays of `layout.LLM` without the batch dimension (images
-        CLIP-normalised, zeros in padding slots)."""
+        """The row as the arrays of `layout.LLM` without the batch dimension (images as uint8
+        pixel rows, zeros in padding slots)."""
         n, s = self.max_images, self.image_size
-        images = np.zeros((n, s, s, 3), np.float32)
+        images = np.zeros((n, s, 3 * s), np.uint8)
         if self.images:
-            images[:len(self.images)] = im.normalize(np.stack(self.images))
+            images[:len(self.images)] = im.to_pixel_rows(np.stack(self.images))
         valid = np.zeros(n, bool)
         valid[:len(self.images)] = True
         frame = np.zeros(n, bool)
@@ -122,6 +122,7 @@ def check_batch(batch: Mapping[str, np.ndarray], tokenizer: tk.Tokenizer, n_quer
         tokens, seg = batch["tokens"][b], batch["segment_ids"][b]
         valid, frame = batch["image_valid"][b], batch["image_is_frame"][b]
         assert not valid[np.argmin(valid):].any() or valid.all(), f"row {b}: valid slots not first"
+        assert not batch["images"][b][~valid].any(), f"row {b}: an unused image slot is not zeros"
         still, frames = int((valid & ~frame).sum()), int((valid & frame).sum())
         assert (tokens == image_id).sum() == n_query * still, f"row {b}: <image> count"
         assert (tokens == gimg_id).sum() == v_query * frames, f"row {b}: [gIMG] count"

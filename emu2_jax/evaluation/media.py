@@ -129,7 +129,7 @@ def pooled_features(config: Emu2Config, params: PyTree, visuals: Sequence[Callab
         frames = load()
         counts.append(len(frames))
         for frame in frames:
-            pending.append(prompts.encoder_pixels(frame, size))
+            pending.append(image_lib.normalize(prompts.encoder_pixels(frame, size)))
             owners.append(i)
             if len(pending) == batch_size:
                 flush()

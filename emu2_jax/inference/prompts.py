@@ -23,15 +23,16 @@ _PLACEHOLDER_RE = re.compile(f"({re.escape(tk.IMG_PLACEHOLDER)}|{re.escape(tk.VI
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One prompt row: token ids and the normalised encoder images of its visual slots, in order."""
+    """One prompt row: token ids and the encoder inputs of its visual slots, in order."""
     ids: list[int]
-    pixels: list[np.ndarray]     # [S, S, 3] float32 each
+    pixels: list[np.ndarray]     # uint8 [S, S, 3] each
     is_frame: list[bool]
 
 
 def encoder_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """A decoded uint8 image [H, W, 3] -> normalised encoder input [size, size, 3] (squash resize, as the release)."""
-    return image_lib.normalize(image_lib.resize_for_encoder(image, size))
+    """A decoded uint8 image [H, W, 3] -> uint8 encoder input [size, size, 3] (squash resize, as the
+    release); `images.normalize` makes it what `Emu2Model.encode_images` takes."""
+    return image_lib.resize_for_encoder(image, size)
 
 
 def build_row(tokenizer: tk.Tokenizer, config: Emu2Config, prompt: str, images: Sequence[np.ndarray] = (),
@@ -64,15 +65,16 @@ def build_row(tokenizer: tk.Tokenizer, config: Emu2Config, prompt: str, images: 
 
 
 def batch(rows: Sequence[Row], config: Emu2Config, pad_id: int, *, slots: int | None = None) -> dict[str, np.ndarray]:
-    """Rows -> a left-padded prompt batch in the training layout (`images` [B, slots, S, S, 3])."""
+    """Rows -> a left-padded prompt batch in the training layout (`images`: uint8 pixel rows
+    [B, slots, S, S * 3])."""
     slots = max([len(r.pixels) for r in rows] + [slots or 0])
     size = config.vision.image_size
-    images = np.zeros((len(rows), slots, size, size, 3), np.float32)
+    images = np.zeros((len(rows), slots, size, size * 3), np.uint8)
     valid = np.zeros((len(rows), slots), bool)
     is_frame = np.zeros((len(rows), slots), bool)
     for i, row in enumerate(rows):
         for j, (pixels, frame) in enumerate(zip(row.pixels, row.is_frame)):
-            images[i, j], valid[i, j], is_frame[i, j] = pixels, True, frame
+            images[i, j], valid[i, j], is_frame[i, j] = image_lib.to_pixel_rows(pixels), True, frame
     return {**text_lib.left_pad([r.ids for r in rows], pad_id), "images": images, "image_valid": valid,
             "image_is_frame": is_frame}
 

@@ -2,9 +2,10 @@
 visual embeddings, plus its two losses.
 
 Batch layout (see `emu2_jax.data`): `tokens`, `targets`, `text_loss_mask`, `image_loss_mask`,
-`segment_ids`, `positions` of shape [B, L]; `images` [B, N, H, W, 3] with `image_valid` and
-`image_is_frame` [B, N]. Each valid still image fills, in order, `n_query` `<image>` placeholder
-positions of its row; each video frame fills `v_query` `[gIMG]` positions.
+`segment_ids`, `positions` of shape [B, L]; `images` uint8 pixel rows [B, N, H, W * 3] (CLIP-normalised
+on device by `pixel_rows_to_images`) with `image_valid` and `image_is_frame` [B, N]. Each valid still
+image fills, in order, `n_query` `<image>` placeholder positions of its row; each video frame fills
+`v_query` `[gIMG]` positions.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from emu2_jax import sharding as sh
+from emu2_jax.data.images import CLIP_MEAN, CLIP_STD
 from emu2_jax.models import layers
 from emu2_jax.models.causal_transformer import CausalTransformerConfig, CausalTransformerConnector
 from emu2_jax.models.eva_vit import EvaVisionTransformer, VisionConfig
@@ -90,6 +92,18 @@ def _scatter_into_placeholders(embeds: jax.Array, is_placeholder: jax.Array, val
     return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
 
 
+def pixel_rows_to_images(rows: jax.Array) -> jax.Array:
+    """uint8 pixel rows [..., H, W * 3] -> float32 CLIP-normalised images [..., H, W, 3]: the float32
+    math of the host's `images.normalize`, which XLA computes within 1e-6 of it (it turns divisions by
+    constants into multiplications by their reciprocals). Normalised while W * 3 is still the minor
+    dimension (the channel statistics tiled along it), which XLA:TPU lays out densely; the reshape
+    to [..., W, 3] comes last, feeding the patch embedding."""
+    width = rows.shape[-1] // 3
+    mean, std = jnp.tile(jnp.asarray(CLIP_MEAN), width), jnp.tile(jnp.asarray(CLIP_STD), width)
+    normalised = (rows.astype(jnp.float32) / 255.0 - mean) / std
+    return normalised.reshape(*rows.shape[:-1], width, 3)
+
+
 class Emu2Model(nn.Module):
     config: Emu2Config
 
@@ -120,22 +134,26 @@ class Emu2Model(nn.Module):
 
     def embed_inputs(self, tokens: jax.Array, images: jax.Array, image_valid: jax.Array,
                      image_is_frame: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Text embeddings with visual embeddings written into the placeholder positions.
+        """Text embeddings with visual embeddings written into the placeholder positions; `images`
+        are the batch's uint8 pixel rows [B, N, H, W * 3] (docs/batch.md).
 
         Returns (inputs_embeds [B, L, D], visual_at [B, L, Dv]: the visual embedding at each
         placeholder position, zeros elsewhere; the regression targets come from it).
         """
         cfg = self.config
         chex.assert_rank(tokens, 2)
+        wanted = "images must be uint8 pixel rows [B, N, H, W * 3] (images.to_pixel_rows)"
+        chex.assert_rank(images, 4, custom_message=wanted)
+        chex.assert_type(images, jnp.uint8, custom_message=wanted)
+        chex.assert_axis_dimension(images, 3, 3 * images.shape[2], custom_message=wanted)
         embeds = self.llm.embed(tokens)
         batch, length = tokens.shape
         visual_at = jnp.zeros((batch, length, cfg.visual_embed_dim), jnp.float32)
         if images.shape[1] == 0:
             return embeds, visual_at
-        chex.assert_rank(images, 5)
         chex.assert_equal_shape_prefix((tokens, images, image_valid, image_is_frame), 1)
         num_slots = images.shape[1]
-        flat = images.reshape(batch * num_slots, *images.shape[2:])
+        flat = pixel_rows_to_images(images.reshape(batch * num_slots, *images.shape[2:]))
         kinds = [(cfg.image_token_id, cfg.n_query, image_valid & ~image_is_frame),
                  (cfg.frame_token_id, cfg.v_query, image_valid & image_is_frame)]
         # The encoder runs once; stills and frames differ only in how its tokens are pooled (Emu2-Chat:

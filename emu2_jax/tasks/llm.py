@@ -71,7 +71,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config
 
 
 def batch_sizes(config: ml_collections.ConfigDict, model_cfg: emu2.Emu2Config) -> dict[str, int]:
-    """The named sizes of the LLM batch layout (all but `rows`)."""
+    """The named sizes of the LLM batch layout (all but `rows`; `pixel_row` follows from `image_size`)."""
     return {"seq_len": config.seq_len, "slots": max(config.max_images_per_row, 1),
             "image_size": model_cfg.vision.image_size}
 
@@ -160,8 +160,7 @@ class LlmTask:
             logging.info("Wrote %d caption samples to %s; first: %r", len(captions), path, captions[0])
             if writer:
                 if not images_written:
-                    writer.images(step, {f"samples/{i}": image
-                                         for i, image in enumerate(image_lib.denormalize(pixels))})
+                    writer.images(step, {f"samples/{i}": image for i, image in enumerate(pixels)})
                     images_written = True
                 writer.text(step, {f"samples/{i}": f"{caption}\n\nreference: {s['reference']} ({s['image']})"
                                    for i, (s, caption) in enumerate(zip(samples, captions))})
@@ -198,7 +197,7 @@ class LlmTask:
 
 
 def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tuple[list[dict], np.ndarray]:
-    """([{'image': name, 'reference': caption}], normalised pixels [K, S, S, 3]) of the sample set.
+    """([{'image': name, 'reference': caption}], uint8 encoder inputs [K, S, S, 3]) of the sample set.
 
     `config.sample_pairs`: a JSONL of {"image": path relative to the file, "caption": ...} (held-out
     images); empty means the embedded dataset's pairs, one per image.
@@ -218,18 +217,18 @@ def load_sample_images(config: ml_collections.ConfigDict, image_size: int) -> tu
     for row in rows:
         with open(os.path.join(image_dir, row["image"]), "rb") as f:
             decoded = image_lib.decode_image(f.read())
-        pixels.append(image_lib.normalize(image_lib.resize_for_encoder(decoded, image_size)))
+        pixels.append(image_lib.resize_for_encoder(decoded, image_size))
     return [{"image": r["image"], "reference": r["caption"]} for r in rows], np.stack(pixels)
 
 
 def sample_prompt_batch(prompt: str, tokenizer: tokenizer_lib.Tokenizer, model_cfg: emu2.Emu2Config,
                         pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """One row per sample image: `prompt` with its `[<IMG_PLH>]` expanded to the image's tokens."""
+    """One row per sample image (uint8 [S, S, 3]): `prompt` with its `[<IMG_PLH>]` expanded to the image's tokens."""
     if prompt.count(tokenizer_lib.IMG_PLACEHOLDER) != 1:
         raise ValueError(f"sample_prompt {prompt!r} must hold exactly one {tokenizer_lib.IMG_PLACEHOLDER}")
     image = tokenizer_lib.IMG + tokenizer_lib.IMAGE * model_cfg.n_query + tokenizer_lib.IMG_END
     ids = tokenizer.encode(prompt.replace(tokenizer_lib.IMG_PLACEHOLDER, image))
-    return {**text.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": pixels[:, None],
+    return {**text.left_pad([ids] * len(pixels), tokenizer.pad_id), "images": image_lib.to_pixel_rows(pixels)[:, None],
             "image_valid": np.ones((len(pixels), 1), bool), "image_is_frame": np.zeros((len(pixels), 1), bool)}
 
 

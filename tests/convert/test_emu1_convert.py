@@ -146,7 +146,7 @@ def test_emu1_converted_forward_parity(tmp_path, instruct):
     batch = _batch(np.random.default_rng(4), cfg)
     model = emu2.Emu2Model(cfg)
     ours = model.apply({"params": params}, batch)
-    images = batch["images"].reshape(-1, *batch["images"].shape[2:])
+    images = emu2.pixel_rows_to_images(batch["images"].reshape(-1, *batch["images"].shape[2:]))
     visual, projected = model.apply({"params": params}, images, cfg.n_query, method=emu2.Emu2Model.encode_images)
     with torch.no_grad():
         ref = emu1_reference_forward(instruct, {k: torch.from_numpy(v) for k, v in batch.items()}, cfg)

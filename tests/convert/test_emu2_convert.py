@@ -10,6 +10,7 @@ import torch
 from flax import linen as nn
 
 from emu2_jax.convert.emu2 import convert_emu2, load_state_dict
+from emu2_jax.data import images as image_lib
 from emu2_jax.models import emu2, presets
 from tests import cli
 from tests.torch_refs import emu2_reference, emu2_reference_forward, state_dict_np
@@ -32,7 +33,7 @@ def _batch(rng: np.random.Generator, config=CFG) -> dict[str, np.ndarray]:
         "image_loss_mask": (targets == img).astype(np.float32),
         "segment_ids": np.ones_like(tokens),
         "positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape).copy(),
-        "images": rng.normal(size=(2, 2, size, size, 3)).astype(np.float32),
+        "images": image_lib.to_pixel_rows(rng.integers(0, 256, (2, 2, size, size, 3), dtype=np.uint8)),
         "image_valid": np.ones((2, 2), bool),
         "image_is_frame": np.zeros((2, 2), bool),
     }

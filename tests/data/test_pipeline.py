@@ -53,7 +53,7 @@ def test_stages_yield_batch_md_batches(make, tok, stage):
         expected = {"tokens": ((b, seq), np.int32), "targets": ((b, seq), np.int32),
                     "text_loss_mask": ((b, seq), np.float32), "image_loss_mask": ((b, seq), np.float32),
                     "segment_ids": ((b, seq), np.int32), "positions": ((b, seq), np.int32),
-                    "images": ((b, n, s, s, 3), np.float32), "image_valid": ((b, n), np.bool_),
+                    "images": ((b, n, s, 3 * s), np.uint8), "image_valid": ((b, n), np.bool_),
                     "image_is_frame": ((b, n), np.bool_)}
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
         packing.check_batch(batch, tok, GEOMETRY["n_query"], GEOMETRY["v_query"])

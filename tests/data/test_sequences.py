@@ -5,7 +5,7 @@ import pytest
 
 from emu2_jax.data import assembly as asm
 from emu2_jax.data import images as im
-from emu2_jax.data import packing
+from emu2_jax.data import layout, packing
 from emu2_jax.data import sequences as sq
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.data.skips import SkipExample
@@ -340,7 +340,7 @@ def test_row_packing(ctx, tok, ids):
     np.testing.assert_array_equal(first["image_loss_mask"][:len(pair)], pair.image_loss_mask)
     assert (first["tokens"][len(pair):] == tok.pad_id).all()
     assert first["image_valid"].tolist() == [True, False, False]
-    np.testing.assert_allclose(first["images"][0], im.normalize(pix(10)))
+    np.testing.assert_array_equal(first["images"][0], im.to_pixel_rows(pix(10)))
     assert (first["images"][1:] == 0).all()
     second = rows[1]
     n = len(video)
@@ -361,6 +361,15 @@ def test_row_packing(ctx, tok, ids):
     rows = list(iter_rows([pair, pair, pair], 200, max_images=2, image_size=4,
                              pad_id=tok.pad_id))
     assert [r["image_valid"].sum() for r in rows] == [2, 1]
+
+
+def test_layout_derives_pixel_row_from_image_size():
+    shapes = layout.shapes(layout.PROMPT, rows=2, seq_len=8, slots=3, image_size=4)
+    assert shapes["images"] == (2, 3, 4, 12) and layout.abstract(layout.LLM, rows=2, seq_len=8, slots=3,
+                                                                 image_size=4)["images"].dtype == np.uint8
+    assert layout.shapes(layout.PROMPT, rows=2, seq_len=8, slots=3, image_size=4, pixel_row=12) == shapes
+    with pytest.raises(ValueError, match="pixel_row=4 is not 3 \\* image_size=4"):
+        layout.shapes(layout.PROMPT, rows=2, seq_len=8, slots=3, image_size=4, pixel_row=4)
 
 
 def test_check_batch_detects_broken_rows(ctx, tok):
@@ -386,3 +395,14 @@ def test_check_batch_detects_broken_rows(ctx, tok):
         packing.check_batch({**batch, "tokens": batch["tokens"].astype(np.int64)}, tok, NQ, VQ)
     with pytest.raises(ValueError, match="image_is_frame"):
         packing.check_batch({k: v for k, v in batch.items() if k != "image_is_frame"}, tok, NQ, VQ)
+    # images: uint8 pixel rows [rows, slots, S, 3S], zeros in unused slots
+    with pytest.raises(ValueError, match=r"batch\['images'\] is float32\[1, 2, 4, 12\]; expected uint8"):
+        packing.check_batch({**batch, "images": batch["images"].astype(np.float32)}, tok, NQ, VQ)
+    with pytest.raises(ValueError, match=r"is uint8\[1, 2, 4, 9\]; expected uint8\[1, 2, 4, 12\] .*pixel_row=12"):
+        packing.check_batch({**batch, "images": batch["images"][..., :9]}, tok, NQ, VQ)
+    with pytest.raises(ValueError, match="has shape"):
+        packing.check_batch({**batch, "images": batch["images"].reshape(1, 2, 4, 4, 3)}, tok, NQ, VQ)
+    broken = {k: v.copy() for k, v in batch.items()}
+    broken["images"][0, 1, 2, 5] = 1
+    with pytest.raises(AssertionError, match="unused image slot"):
+        packing.check_batch(broken, tok, NQ, VQ)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from emu2_jax.data import images as image_lib
 from emu2_jax.data import tokenizer as tk
 from emu2_jax.inference import prompts
 
@@ -17,7 +18,11 @@ def test_placeholders_expand_to_the_visual_runs(tiny_emu2, photos):
     with pytest.raises(ValueError, match=r"holds 1 \[<IMG_PLH>\] and 0 \[<VID_PLH>\] but 0 images"):
         prompts.build_row(tokenizer, cfg, "[<IMG_PLH>]")
     batch = prompts.batch([row, prompts.build_row(tokenizer, cfg, "hi")], cfg, tokenizer.pad_id)
-    assert batch["images"].shape == (2, 3, cfg.vision.image_size, cfg.vision.image_size, 3)
+    size = cfg.vision.image_size
+    assert batch["images"].shape == (2, 3, size, 3 * size) and batch["images"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["images"][0, 0].reshape(size, size, 3),
+                                  image_lib.resize_for_encoder(photos[0], size))  # squashed, as the release
+    assert not batch["images"][1].any()
     assert batch["image_valid"].tolist() == [[True] * 3, [False] * 3]
     assert batch["segment_ids"][1].sum() == len(tokenizer.encode("hi"))  # left-padded
 

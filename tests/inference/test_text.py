@@ -21,7 +21,7 @@ STOP_IDS = (553, 479, 592)
 
 
 def no_images(rows: int, size: int) -> dict[str, np.ndarray]:
-    return {"images": np.zeros((rows, 0, size, size, 3), np.float32), "image_valid": np.zeros((rows, 0), bool),
+    return {"images": np.zeros((rows, 0, size, 3 * size), np.uint8), "image_valid": np.zeros((rows, 0), bool),
             "image_is_frame": np.zeros((rows, 0), bool)}
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from flax import linen as nn
 
+from emu2_jax.data import images as image_lib
 from emu2_jax.models import emu2, presets
 from emu2_jax.models.projector import mean_pool_patches
 
@@ -30,8 +31,8 @@ def _batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
     tokens[1, :len(row1)] = row1
     segment_ids = (tokens != 0).astype(np.int32)
     size = CFG.vision.image_size
-    images = rng.normal(size=(2, 2, size, size, 3)).astype(np.float32)
-    images[1, 1] = 0.0
+    images = image_lib.to_pixel_rows(rng.integers(0, 256, (2, 2, size, size, 3), dtype=np.uint8))
+    images[1, 1] = 0
     return {
         "tokens": tokens,
         "targets": np.roll(tokens, -1, axis=1),
@@ -70,7 +71,7 @@ def test_visual_embeddings_fill_placeholders_in_order(model_and_params):
     embeds, visual_at = model.apply(params, batch["tokens"], batch["images"], batch["image_valid"],
                                     batch["image_is_frame"], method=model.embed_inputs)
     text = model.apply(params, batch["tokens"], method=lambda m, t: m.llm.embed(t))
-    flat = batch["images"].reshape(4, *batch["images"].shape[2:])
+    flat = emu2.pixel_rows_to_images(batch["images"].reshape(4, *batch["images"].shape[2:]))
     visual, projected = model.apply(params, flat, N, method=model.encode_images)
     tokens = batch["tokens"]
     for row, slots in ((0, [(0, IMG)]), (0, [(1, FRAME)]), (1, [(2, IMG)])):
@@ -83,6 +84,46 @@ def test_visual_embeddings_fill_placeholders_in_order(model_and_params):
     assert not np.any(np.asarray(visual_at)[is_text])
     # the padding slot (row 1, slot 1) is used nowhere: no placeholder in row 1 matches its features
     assert not np.any(np.all(np.isclose(np.asarray(visual_at[1]), np.asarray(visual[3, :1])), axis=-1))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_pixel_rows_are_normalised_as_on_the_host(jit):
+    """The device conversion of uint8 pixel rows is the host's `images.normalize` of the images (XLA's
+    reciprocal multiplications put it within 1e-6), every byte value in every channel."""
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
+    pixels[0, 0] = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)  # all 256 values, each channel
+    rows = image_lib.to_pixel_rows(pixels)
+    assert rows.shape == (2, 3, 16, 48) and rows.dtype == np.uint8
+    np.testing.assert_array_equal(rows.reshape(pixels.shape), pixels)
+    convert = jax.jit(emu2.pixel_rows_to_images) if jit else emu2.pixel_rows_to_images
+    out = convert(jnp.asarray(rows))
+    chex.assert_type(out, jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), image_lib.normalize(pixels), rtol=0, atol=1e-6)
+
+
+def test_pixel_rows_of_anything_but_uint8_images_are_refused():
+    with pytest.raises(ValueError, match=r"uint8 \[\.\.\., H, W, 3\] images, not float32\[2, 4, 4, 3\]"):
+        image_lib.to_pixel_rows(np.zeros((2, 4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"not uint8\[4, 4\]"):
+        image_lib.to_pixel_rows(np.zeros((4, 4), np.uint8))
+
+
+def test_embed_inputs_refuses_images_that_are_not_pixel_rows(model_and_params):
+    """One format: float images, [B, N, H, W, 3] ones and rows of the wrong width are one-line errors."""
+    model, params, batch = model_and_params
+    size = CFG.vision.image_size
+    rows = batch["images"]
+    wrong = {"float32": rows.astype(np.float32),
+             "rank 5": rows.reshape(2, 2, size, size, 3),
+             "width": rows[..., :-3]}
+    for what, images in wrong.items():
+        with pytest.raises(AssertionError, match=r"images must be uint8 pixel rows \[B, N, H, W \* 3\]") as e:
+            model.apply(params, batch["tokens"], images, batch["image_valid"], batch["image_is_frame"],
+                        method=model.embed_inputs)
+        assert "\n" not in str(e.value), what
+    with pytest.raises(AssertionError, match="images must be uint8 pixel rows"):  # no slots: still checked
+        model.apply(params, batch["tokens"], np.zeros((2, 0, size, size, 3), np.float32), batch["image_valid"][:, :0],
+                    batch["image_is_frame"][:, :0], method=model.embed_inputs)
 
 
 def test_forward_shapes_and_regression_targets(model_and_params):
