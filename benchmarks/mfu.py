@@ -266,7 +266,7 @@ def _row(name: str, r: dict, flops: float, peak: float | None) -> dict:
     tflops = flops / seconds / 1e12
     mfu = tflops * 1e12 / peak if peak else None
     memory = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] else "n/a"
-    print(f"{name:>10} | {seconds:8.4f} | {min(r['times']):8.4f} | {max(r['times']):8.4f} | {tflops:11.3f} | "
+    print(f"{name:>10} | {seconds:8.4f} | {min(r['times']):8.4f} | {max(r['times']):8.4f} | {tflops:11.4g} | "
           f"{f'{100 * mfu:.1f}%' if mfu is not None else 'n/a':>6} | {memory:>9} | {r['loss']:8.4f} | "
           f"{r['first_step_s']:8.1f}", flush=True)
     return {"seconds_per_step": seconds, "tflops_per_device": tflops, "mfu": mfu, "peak_gib": r["peak_gib"],
