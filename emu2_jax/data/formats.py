@@ -52,6 +52,13 @@ class Inputs(Protocol):
     system: str             # llava: 'chat' | 'academic' | literal system message
     clip_frames: int        # video files: frames kept per clip (`video`)
     clip_stride: int        # video files: sampled among every clip_stride-th frame
+    image_size: int         # > 0: images are stored at most this large (`ingest.fit_images`)
+
+
+# A record field a reader may set to the names of the image fields it has already decoded and
+# fitted to `image_size` (frames it decoded from a video file), which `ingest.fit_images` then
+# leaves alone instead of decoding them again; set only when image_size > 0.
+FITTED = "_fitted_fields"
 
 
 Reader = Callable[[Inputs, Counter], Iterator[tuple[str, dict[str, Any]]]]
@@ -290,9 +297,11 @@ def _videos(cfg: Inputs, key: str, group: dict[str, bytes]) -> dict:
     caption = _caption_bytes(group)
     if not (frames or clip is not None) or caption is None:
         raise ValueError("sample without frames, a video file or a caption")
-    if not frames:
-        frames = video.clip_jpeg_frames(clip, cfg.clip_frames, cfg.clip_stride)
-    return {"key": key.encode(), "frames": frames, "caption": caption}
+    if frames:
+        return {"key": key.encode(), "frames": frames, "caption": caption}
+    frames = video.clip_jpeg_frames(clip, cfg.clip_frames, cfg.clip_stride, cfg.image_size)
+    fitted = {FITTED: ("frames",)} if cfg.image_size else {}
+    return {"key": key.encode(), "frames": frames, "caption": caption, **fitted}
 
 
 def _grounded(cfg: Inputs, key: str, group: dict[str, bytes]) -> dict:

@@ -54,21 +54,27 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
     return buf.getvalue()
 
 
+def downscaled(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 [H, W, 3] with its shorter side brought down to `image_size` (bicubic), or `pixels`
+    itself when that side is not larger."""
+    height, width = pixels.shape[:2]
+    if min(height, width) <= image_size:
+        return pixels
+    scale = image_size / min(height, width)
+    size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    # reducing_gap: a cheap integer-factor reduction first (what makes big originals fast), then
+    # bicubic over the last factor of <= 2, visually equal to a full bicubic.
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0))
+
+
 def fit_for_storage(data: bytes, image_size: int) -> bytes:
     """Image bytes as ingestion stores them under `--image_size` (img2dataset's practice for web
     corpora): decoded, so an undecodable image is a counted skip of the ingestion, not of every
     epoch; if its shorter side exceeds `image_size`, downscaled (bicubic, EXIF orientation applied)
     to that side and re-encoded as JPEG quality 95, else the original bytes."""
     pixels = decode_image(data)
-    height, width = pixels.shape[:2]
-    if min(height, width) <= image_size:
-        return data
-    scale = image_size / min(height, width)
-    size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-    # reducing_gap: a cheap integer-factor reduction first (what makes big originals fast), then
-    # bicubic over the last factor of <= 2, visually equal to a full bicubic.
-    small = Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
-    return encode_jpeg(np.asarray(small), quality=95)
+    small = downscaled(pixels, image_size)
+    return data if small is pixels else encode_jpeg(small, quality=95)
 
 
 def read_image_file(path: str, where: str) -> np.ndarray:

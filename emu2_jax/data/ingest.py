@@ -156,14 +156,15 @@ class ShardIngester:
 
 def fit_images(examples: Iterator[tuple[str, dict]], image_size: int, skips: Counter, where: str
                ) -> Iterator[tuple[str, dict]]:
-    """`examples` with every image through `images.fit_for_storage`; a record with an undecodable
-    image is a counted `bad_image` skip."""
+    """`examples` with every image through `images.fit_for_storage` (but those the reader already
+    fitted, `formats.FITTED`); a record with an undecodable image is a counted `bad_image` skip."""
     for key, record in examples:
+        done = record.pop(formats.FITTED, ())
         try:
             fitted = {name: im.fit_for_storage(value, image_size) for name, value in record.items()
-                      if name in IMAGE_FIELDS}
+                      if name in IMAGE_FIELDS and name not in done}
             fitted.update({name: [im.fit_for_storage(v, image_size) for v in value]
-                           for name, value in record.items() if name in IMAGE_LIST_FIELDS})
+                           for name, value in record.items() if name in IMAGE_LIST_FIELDS and name not in done})
         except SkipExample as e:
             formats.skip(skips, e.reason, f"{where}:{key}", e.detail)
             continue

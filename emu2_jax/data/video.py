@@ -70,7 +70,9 @@ def read_video_bytes(data: bytes, num_frames: int, stride: int = 1) -> list[np.n
     return frames
 
 
-def clip_jpeg_frames(data: bytes, num_frames: int, stride: int = 1) -> list[bytes]:
-    """The frames `read_video_bytes` samples, as JPEG bytes (a `videos` record's `frames`)."""
-    return [im.encode_jpeg(f, quality=95) for f in read_video_bytes(data, num_frames, stride)]
+def clip_jpeg_frames(data: bytes, num_frames: int, stride: int = 1, image_size: int = 0) -> list[bytes]:
+    """The frames `read_video_bytes` samples, as JPEG bytes (a `videos` record's `frames`); with
+    `image_size` > 0 each is first brought down to it as `images.fit_for_storage` would."""
+    return [im.encode_jpeg(im.downscaled(f, image_size) if image_size else f, quality=95)
+            for f in read_video_bytes(data, num_frames, stride)]
 

@@ -13,7 +13,7 @@ from emu2_jax.data import video
 from emu2_jax.data.assembly import Context
 from emu2_jax.data.skips import SkipExample
 
-from .conftest import GOOD, clip_bytes, jpeg_bytes, write_jsonl, write_tar
+from .conftest import GOOD, TRUNCATED, clip_bytes, jpeg_bytes, write_jsonl, write_tar
 
 pytest.importorskip("av")  # the `video` extra (in `test`): clips are written and read with it
 
@@ -77,6 +77,28 @@ def test_webvid_shards(tmp_path):
     assert levels[b"from json"] == [0, 2, 6, 8]        # of frames 0, 2, ..., 8
     assert len(records[b"pre-extracted frames"]["frames"]) == 2  # kept as they are
     assert prepared.ingest_skips == {"too_short": 1, "bad_video": 1, "bad_record": 1}
+
+
+def test_image_size_fits_clip_frames_once_and_pre_extracted_frames_as_images(tmp_path, monkeypatch):
+    """With --image_size the frames a clip decodes to are brought down before their one JPEG
+    encoding (never decoded again: no second pass through fit_for_storage); pre-extracted frames
+    go through fit_for_storage like any image, a truncated one a counted bad_image skip."""
+    path = write_tar(tmp_path / "webvid-000.tar", [
+        ("a.mp4", clip_bytes(6, size=(24, 40))), ("a.txt", b"clip"),
+        ("e.000.jpg", jpeg_bytes(size=(40, 30))), ("e.001.jpg", jpeg_bytes(size=(40, 30))), ("e.txt", b"jpgs"),
+        ("t.000.jpg", jpeg_bytes()), ("t.001.jpg", TRUNCATED), ("t.txt", b"cut")])
+    fitted = []
+    real_fit = im.fit_for_storage
+    monkeypatch.setattr(im, "fit_for_storage", lambda data, size: fitted.append(data) or real_fit(data, size))
+    prepared = src.prepare_source("videos", "webdataset", paths=path, clip_frames=3, image_size=12,
+                                  data_dir=str(tmp_path / "cache"))
+    ds = prepared.data_source
+    records = {bytes(ds[i]["caption"]): ds[i]["frames"] for i in range(len(ds))}
+    assert sorted(records) == [b"clip", b"jpgs"] and prepared.ingest_skips == {"bad_image": 1}
+    assert [im.decode_image(f).shape for f in records[b"clip"]] == [(12, 20, 3)] * 3
+    assert _levels(map(im.decode_image, records[b"clip"])) == list(im.sample_frame_indices(6, 3))  # frame i: grey 20 i
+    assert [im.decode_image(f).shape for f in records[b"jpgs"]] == [(12, 16, 3)] * 2
+    assert len(fitted) == 4  # the four JPEG frames; none of the clip's
 
 
 def test_video_files_without_pyav_fail_ingestion_in_one_line(tmp_path, monkeypatch):
