@@ -14,10 +14,9 @@ Each is scored by an analytic model:
 
 - memory per chip = the training state's shards on that mesh (exact: parameters, Adam moments and
   float32 gradients, accumulated and per microbatch) + the chip's share of the global batch
-  (exact) + one microbatch's activations (the per-layer
-  tensors the remat policy keeps x KEPT_FACTOR; one layer's recompute working set, the chunked loss
-  and the encoder x WORKING_FACTOR) + FIXED_GIB, the factors calibrated against XLA:TPU's
-  `memory_analysis` of the 37B stages (tests/test_plan.py compares plans with compiled ones);
+  (exact) + one microbatch's activations (the per-layer tensors the remat policy keeps; one
+  layer's recompute working set, the chunked loss and the encoder) + FIXED_GIB, calibrated against
+  XLA:TPU's `memory_analysis` of the 37B stages (tests/test_plan.py compares plans with compiled ones);
 - step time = compute + exposed communication. Compute: the task's analytic FLOPs x the policy's
   recompute factor at the chips' peak. Communication: the FSDP all-gathers (forward and backward,
   compute dtype) and gradient reduce-scatters (float32) of every microbatch plus the data-parallel
@@ -52,8 +51,6 @@ HEADROOM = 0.85          # of HBM: XLA's own buffers, fragmentation, the data pi
 # 2 on v5p-128 under every policy at 145 and 725 microbatches, and the chosen plans of the fits
 # tables, docs/sharding.md): what a policy keeps is held about once, the working set about once,
 # plus a few GiB that scale with neither (the step's own buffers, the loss chunk's logits).
-KEPT_FACTOR = 1.0
-WORKING_FACTOR = 1.0
 FIXED_GIB = 4.3          # code, collective buffers, the step's fixed-size buffers
 REMAT_POLICIES = ("none", "dots_no_batch", "minimal", "save_qkv_proj", "full")
 # The policies `remat_policy="auto"` picks from: those whose activation estimate is at most 16% below
@@ -266,7 +263,7 @@ def score(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], chip
         rows = batch // (data * fsdp * steps)
         kept, working = llm_activation_bytes(task.model_cfg, config, rows, tensor, remat,
                                              "visual" in config.trainable)
-        act = KEPT_FACTOR * kept + WORKING_FACTOR * working
+        act = kept + working
         memory = states[mesh_shape] + batch_bytes / (data * fsdp) + act + FIXED_GIB * GIB
         compute = flops * RECOMPUTE[remat] / (chips * chip.peak_tflops * 1e12) if chip else 0.0
         gather = (fsdp - 1) / fsdp * (2 * llm_params * cb + trainable_params * 4) / tensor
