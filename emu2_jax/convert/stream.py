@@ -5,7 +5,10 @@ that puts each converted tensor straight into an Orbax params checkpoint on disk
 `torch.load(weights_only=True, mmap=True)`) and reads a tensor only when it is asked for, so host
 memory holds a few tensors, never the model. (Safetensors data is read with plain reads; the pages
 of a memory-mapped `.bin` count towards RSS once read, though the kernel may drop them.) It records
-which keys were read, for the final "every source key consumed or ignored" check.
+which keys were read, for the final "every source key consumed or ignored" check. Converters read
+every layer in the order of the one before, so `Source` learns that order on the first layer and
+from then on reads the next tensor in a background thread while the current one is converted: disk
+(or page-cache copy) time overlaps the CPU work instead of adding to it.
 
 `ParamsWriter` writes the format `checkpointing.load_params` / `load_pretrained` read: an Orbax
 PyTree checkpoint without OCDBT (one zarr array per leaf, named by its '.'-joined path, plus
@@ -20,12 +23,15 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import ml_dtypes
@@ -112,9 +118,13 @@ class Buffers:
 
     def __init__(self):
         self._pool: list[np.ndarray] = []
+        self._lock = threading.Lock()  # `Source` reads ahead in a thread of its own
 
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        dtype = np.dtype(dtype)
+        with self._lock:
+            return self._take(shape, np.dtype(dtype))
+
+    def _take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * dtype.itemsize
         # Free: referenced only by the pool, the comprehension's variable and getrefcount's argument.
         free = [b for b in self._pool if sys.getrefcount(b) <= 3]
@@ -155,6 +165,18 @@ def _count_nonfinite(tensor: np.ndarray) -> int:
     return int((~torch.isfinite(flat)).sum())
 
 
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _layer_pattern(key: str) -> tuple[str, int | None]:
+    """`key` with its first index taken out: ('model.layers.{}.mlp.up_proj.weight', 3)."""
+    match = _LAYER_INDEX.search(key)
+    if match is None:
+        return key.replace("{", "{{").replace("}", "}}"), None
+    escape = lambda part: part.replace("{", "{{").replace("}", "}}")
+    return f"{escape(key[:match.start()])}.{{}}.{escape(key[match.end():])}", int(match.group(1))
+
+
 class Source:
     """Lazy `{key: tensor}` over checkpoint files; `get(key)` reads one tensor as numpy."""
 
@@ -167,6 +189,11 @@ class Source:
         self.used: set[str] = set()
         self.ignored: set[str] = set()  # present, deliberately not converted (inv_freq, safety checker, ...)
         self.bytes_read = 0
+        # Read-ahead: the key read after each key pattern, learned on the first layer (_next_key).
+        self._after: dict[str, tuple[str, int | None]] = {}
+        self._last: tuple[str, int | None] | None = None
+        self._ahead: tuple[str, futures.Future] | None = None
+        self._reader = futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         for file in files:
             self._open(file)
 
@@ -209,6 +236,17 @@ class Source:
 
     def __getitem__(self, key: str) -> np.ndarray:
         """The tensor as float32 / its own numpy dtype (bfloat16 stays ml_dtypes.bfloat16)."""
+        ahead, self._ahead = self._ahead, None  # a wrong guess is dropped (its buffer freed once read)
+        tensor = ahead[1].result() if ahead and ahead[0] == key else self._load(key)
+        if key not in self.used:
+            self.used.add(key)
+            self.bytes_read += self.nbytes[key]
+        following = self._next_key(key)
+        if following is not None:
+            self._ahead = following, self._reader.submit(self._load, following)
+        return tensor
+
+    def _load(self, key: str) -> np.ndarray:
         file, handle = self.where[key]
         try:
             tensor = (_numpy(handle[key]) if isinstance(handle, dict)
@@ -222,10 +260,27 @@ class Source:
             if bad:
                 raise ValueError(f"{file}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.size}; pass "
                                  f"--allow_nonfinite to convert anyway")
-        if key not in self.used:
-            self.used.add(key)
-            self.bytes_read += self.nbytes[key]
         return tensor
+
+    def _next_key(self, key: str) -> str | None:
+        """The unread safetensors key expected after `key`, from the order the previous layer was read
+        in: after `layers.{i}.x` comes `layers.{i+d}.y` when `layers.{j+d}.y` came after `layers.{j}.x`."""
+        pattern, index = _layer_pattern(key)
+        if self._last is not None:
+            last_pattern, last_index = self._last
+            step = None if index is None or last_index is None else index - last_index
+            self._after[last_pattern] = (pattern if step is not None else key, step)
+        self._last = pattern, index
+        if pattern not in self._after:
+            return None
+        following, step = self._after[pattern]
+        if step is not None:
+            if index is None:
+                return None
+            following = following.format(index + step)
+        if following in self.used or not isinstance(self.where.get(following, (None, {}))[1], tuple):
+            return None  # read already, absent, or in a memory-mapped .bin (nothing to overlap)
+        return following
 
 
 class Progress:
