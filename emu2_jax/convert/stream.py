@@ -168,13 +168,12 @@ def _count_nonfinite(tensor: np.ndarray) -> int:
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def _layer_pattern(key: str) -> tuple[str, int | None]:
-    """`key` with its first index taken out: ('model.layers.{}.mlp.up_proj.weight', 3)."""
+def _layer_pattern(key: str) -> tuple[tuple[str, str], int | None]:
+    """`key` split around its first index: (('model.layers', 'mlp.up_proj.weight'), 3); ((key, ''), None)."""
     match = _LAYER_INDEX.search(key)
     if match is None:
-        return key.replace("{", "{{").replace("}", "}}"), None
-    escape = lambda part: part.replace("{", "{{").replace("}", "}}")
-    return f"{escape(key[:match.start()])}.{{}}.{escape(key[match.end():])}", int(match.group(1))
+        return (key, ""), None
+    return (key[:match.start()], key[match.end():]), int(match.group(1))
 
 
 class Source:
@@ -190,8 +189,8 @@ class Source:
         self.ignored: set[str] = set()  # present, deliberately not converted (inv_freq, safety checker, ...)
         self.bytes_read = 0
         # Read-ahead: the key read after each key pattern, learned on the first layer (_next_key).
-        self._after: dict[str, tuple[str, int | None]] = {}
-        self._last: tuple[str, int | None] | None = None
+        self._after: dict[tuple[str, str], tuple[tuple[str, str], int | None]] = {}
+        self._last: tuple[tuple[str, str], int | None] | None = None
         self._ahead: tuple[str, futures.Future] | None = None
         self._reader = futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         for file in files:
@@ -268,16 +267,13 @@ class Source:
         pattern, index = _layer_pattern(key)
         if self._last is not None:
             last_pattern, last_index = self._last
-            step = None if index is None or last_index is None else index - last_index
-            self._after[last_pattern] = (pattern if step is not None else key, step)
+            indexed = index is not None and last_index is not None
+            self._after[last_pattern] = (pattern, index - last_index) if indexed else ((key, ""), None)
         self._last = pattern, index
-        if pattern not in self._after:
+        (prefix, suffix), step = self._after.get(pattern, ((None, ""), None))
+        if prefix is None or (step is not None and index is None):
             return None
-        following, step = self._after[pattern]
-        if step is not None:
-            if index is None:
-                return None
-            following = following.format(index + step)
+        following = prefix if step is None else f"{prefix}.{index + step}.{suffix}"
         if following in self.used or not isinstance(self.where.get(following, (None, {}))[1], tuple):
             return None  # read already, absent, or in a memory-mapped .bin (nothing to overlap)
         return following
