@@ -6,7 +6,7 @@
 
 `load_state_dict` reads a `.safetensors` file, a `.bin`/`.pt` file (read with
 `torch.load(weights_only=True)`: nothing arbitrary is unpickled; needs the `convert` extra), or a
-directory holding either kind (all shards are read).
+directory holding either kind (the shards its index names, or all of them).
 
 Strict by default, as a silently wrong conversion costs a training run: keys no component reads
 are an error (`--allow_unused_keys` converts anyway), so is a NaN/Inf in any source tensor
@@ -15,15 +15,14 @@ are an error (`--allow_unused_keys` converts anyway), so is a NaN/Inf in any sou
 from __future__ import annotations
 
 import pathlib
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from absl import app, flags
 
 from emu2_jax.convert.eva_vit import convert_eva_vit
 from emu2_jax.convert.llama import convert_llama
+from emu2_jax.convert.stream import Source, source_files
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
 
@@ -82,66 +81,11 @@ def convert_emu2(state_dict: Mapping[str, np.ndarray], config: Emu2Config, layou
     }
 
 
-def _checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint={path} does not exist")
-    files = sorted(path.glob("*.safetensors")) or sorted([*path.glob("*.bin"), *path.glob("*.pt")])
-    if not files:
-        raise FileNotFoundError(f"--checkpoint={path} holds no .safetensors, .bin or .pt files")
-    return files
-
-
-def _read(file: pathlib.Path) -> Iterator[tuple[str, Any]]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open  # `flax` framework: numpy cannot hold bfloat16 tensors
-
-        with safe_open(str(file), framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 (safetensors' handle is not a dict)
-                yield key, np.asarray(f.get_tensor(key))
-    else:
-        import torch  # convert-only dependency
-
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                value = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
-            yield key, value  # weights_only still unpickles plain values (a step count): the caller refuses them
-
-
-def _count_nonfinite(tensor: np.ndarray) -> int:
-    if tensor.dtype.kind in "biu":  # bool / int / uint: always finite
-        return 0
-    return int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
-
-
 def load_state_dict(path: str, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint file(s) at `path`; errors name the file (and the tensor).
-
-    A NaN/Inf in a source tensor is an error unless `allow_nonfinite`: training from it would only
-    show NaN losses, far from the cause.
-    """
-    files = _checkpoint_files(pathlib.Path(path))
-    state: dict[str, np.ndarray] = {}
-    for i, file in enumerate(files, 1):
-        start = time.perf_counter()
-        try:
-            tensors = dict(_read(file))
-        except Exception as e:  # safetensors' and torch's errors do not say which file
-            raise ValueError(f"{file}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                             ) from e
-        for key, tensor in tensors.items():
-            if not isinstance(tensor, np.ndarray):
-                raise ValueError(f"{file}: {key!r} is a {type(tensor).__name__}, not a tensor")
-            bad = 0 if allow_nonfinite else _count_nonfinite(tensor)
-            if bad:
-                raise ValueError(f"{file}: tensor {key!r} holds {bad} NaN/Inf value(s) of {tensor.size}; pass "
-                                 f"--allow_nonfinite (allow_nonfinite=True) to convert anyway")
-        state.update(tensors)
-        print(f"read {file.name} ({i}/{len(files)}) in {time.perf_counter() - start:.1f}s, "
-              f"{len(state)} tensors so far", flush=True)
-    return state
+    """Every tensor of the checkpoint file(s) at `path` in memory, read by the streaming converter's
+    `Source` (same checks, same one-line errors naming the file and the tensor)."""
+    source = Source(source_files(pathlib.Path(path)), allow_nonfinite=allow_nonfinite)
+    return {key: source[key] for key in source}
 
 
 def main(argv):
