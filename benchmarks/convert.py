@@ -6,20 +6,24 @@ EVA blocks with 15360-wide MLPs), fewer layers, several bf16 safetensors shards 
 For each size (`--sizes`: LLaMA layers; EVA blocks are twice as many) it prints conversion GB/s
 against plain sequential reading of the same files (`ratio_read=<convert/read>`) and the converter's
 peak RSS against the largest single tensor (`rss_over_largest_tensor=<ratio>`), twice: with the files
-in the page cache (`page_cache=warm`: CPU work against a memory copy) and evicted from it before the
-read and before the conversion (`page_cache=cold`: from disk, as a 74 GB checkpoint is read). Each conversion runs
-in its own child process, so its peak RSS is its own (it includes the ~0.5 GB of importing JAX).
+in the page cache (`page_cache=warm`: CPU work against a memory copy) and evicted from it right
+before the read and right before the conversion, in its process after its imports
+(`page_cache=cold`: from disk, as a 74 GB checkpoint is read). Each conversion runs in its own
+child process, so its peak RSS is its own (it includes the ~0.5 GB of importing JAX).
 The conversion writes into `--out_dir`, by default the RAM-backed /dev/shm where there is one: the
 ratio compares CPU-side work, not disk speed (writing the output to a disk of ~0.1 GB/s, as this
 project's CI machine has, would time the disk).
 
-Right before each conversion, fresh memory of the checkpoint's size plus 2.5 GiB (the output, the
-converter's buffers and imports) is touched once in a child process and freed, and its
-first-touch rate printed (`--prefault=false` skips it). In a VM whose hypervisor backs guest memory
-lazily and takes freed pages back (this project's 2-core CI machine: ~0.15-0.3 GB/s the first
-time a page is used, ~12 GB/s after) the conversion's output and buffers would otherwise be timed
-at the hypervisor's rate, which plain reading never pays: a 3 GB conversion took 10.7-23 s
-without it against 2.7 s right after touching 6 GiB. A TPU VM host or bare metal has no such cost.
+Right before each conversion, in the conversion's process after its imports, fresh memory of the
+checkpoint's size plus 2.5 GiB (the output, the converter's buffers) is touched once and freed,
+and its first-touch rate printed (`--prefault=false` skips it). In a VM whose hypervisor backs
+guest memory lazily and takes freed pages back a few seconds after they are freed (this project's
+2-core machine, virtio free page reporting: ~0.1-0.7 GB/s the first time a page is used, ~14 GB/s
+when it is used again within a second, ~2 GB/s after 3 s, ~0.35 GB/s after 5 s) the
+conversion's output would otherwise be timed at the hypervisor's rate, which plain reading never
+pays. Memory touched in another process is taken back before a conversion has imported JAX, so
+the touch happens in the same process, as late as possible; it stays a race against the
+hypervisor. A TPU VM host or bare metal has no such cost.
 
 The vocabulary is cut to `--vocab` (default 8192, the real one is 32272) so the checkpoint stays
 around 1.5-3 GB on a small machine; the largest tensor is then an MLP matrix [17920, 6656].
@@ -115,17 +119,6 @@ def evict(folder: str) -> None:
             os.close(fd)
 
 
-def prefault(gib: float) -> float:
-    """Touches `gib` GiB of fresh memory in a child process (freed when it exits, but backed by the
-    hypervisor from then on); its first-touch GB/s."""
-    child = "import sys, time, numpy as np; t = time.perf_counter(); np.ones(int(sys.argv[1]), np.uint8); " \
-            "print(time.perf_counter() - t)"
-    nbytes = int(gib * (1 << 30))
-    seconds = float(subprocess.run([sys.executable, "-c", child, str(nbytes)], check=True, capture_output=True,
-                                   text=True).stdout)
-    return nbytes / seconds / 1e9
-
-
 def read_seconds(folder: str) -> float:
     start = time.perf_counter()
     for name in sorted(os.listdir(folder)):
@@ -136,12 +129,28 @@ def read_seconds(folder: str) -> float:
 
 
 _CHILD = """
-import resource, sys, time
+import os, sys, time
+import numpy as np
 import tensorstore, torch  # imported lazily by the converter: ~1 s, timed like JAX's import (not at all)
 from emu2_jax.convert.__main__ import convert
+if sys.argv[5] == "cold":  # here, after the imports, as plain reading evicts right before it reads
+    for name in os.listdir(sys.argv[1]):
+        fd = os.open(os.path.join(sys.argv[1], name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+first_touch = float("nan")
+if float(sys.argv[4]):  # touched and freed right before the timed conversion (see the module doc)
+    start = time.perf_counter()
+    np.ones(int(float(sys.argv[4]) * (1 << 30)), np.uint8)
+    first_touch = float(sys.argv[4]) * (1 << 30) / (time.perf_counter() - start) / 1e9
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on (the touched memory is not the converter's)
+    f.write("5")
 start = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], log=lambda line: None)
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+seconds = time.perf_counter() - start
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(first_touch, seconds, peak)
 """
 
 
@@ -169,13 +178,11 @@ def main() -> None:
                 if cache == "cold":
                     evict(src)
                 read_s = read_seconds(src)
-                if cache == "cold":
-                    evict(src)
-                first_touch = prefault(total / (1 << 30) + 2.5) if args.prefault == "true" else float("nan")
-                out = subprocess.run([sys.executable, "-c", _CHILD, src, dst, args.dtype], env=env, check=True,
-                                     capture_output=True, text=True).stdout.split()
+                prefault_gib = total / (1 << 30) + 2.5 if args.prefault == "true" else 0.0
+                out = subprocess.run([sys.executable, "-c", _CHILD, src, dst, args.dtype, str(prefault_gib), cache],
+                                     env=env, check=True, capture_output=True, text=True).stdout.split()
                 shutil.rmtree(dst)
-                convert_s, rss = float(out[-2]), int(out[-1])
+                first_touch, convert_s, rss = float(out[-3]), float(out[-2]), int(out[-1])
                 print(f"llama_layers={layers} eva_blocks={2 * layers} shards={len(os.listdir(src)) - 2} "
                       f"size_gb={total / 1e9:.2f} largest_tensor_gb={largest / 1e9:.3f} page_cache={cache} "
                       f"read_gbps={total / read_s / 1e9:.2f} convert_gbps={total / convert_s / 1e9:.2f} "
