@@ -33,7 +33,8 @@ from emu2_jax.convert.diffusers import _SCANNED, _to_flax, _torch_stem, unet_tar
 from emu2_jax.convert.emu2 import _linear_kernel
 from emu2_jax.convert.eva_vit import _block, _Reader, eva_top, unexpected_eva_keys
 from emu2_jax.convert.llama import _INV_FREQ, llama_entries
-from emu2_jax.convert.stream import Buffers, ParamsWriter, Progress, Source
+from emu2_jax.convert.source import Source
+from emu2_jax.convert.stream import Buffers, ParamsWriter, Progress
 from emu2_jax.models.emu2 import Emu2Config
 from emu2_jax.models.unet import unet_config_from_diffusers
 from emu2_jax.models.vae import vae_config_from_diffusers

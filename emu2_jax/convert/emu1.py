@@ -150,7 +150,7 @@ Write = tuple[tuple[str, ...], np.ndarray, "int | None", int]
 
 def emu1_writes(src, config: Emu2Config, alpha: float = LORA_ALPHA) -> Iterator[Write]:
     """The Emu2Model leaves of an Emu v1 checkpoint, one tensor (an EVA block) at a time. `src`: a
-    `stream.Source` (keys, shapes, `src[key]`, the `ignored` set)."""
+    `source.Source` (keys, shapes, `src[key]`, the `ignored` set)."""
     ct, vc, lc = config.causal_transformer, config.vision, config.llm
     if config.connector != "causal_transformer" or ct.block != "t5" or not (ct.input_norm and ct.include_cls):
         raise ValueError("an Emu v1 checkpoint needs an Emu v1 release config (a t5-block Causal Transformer with "

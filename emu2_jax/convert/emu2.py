@@ -22,7 +22,7 @@ from absl import app, flags
 
 from emu2_jax.convert.eva_vit import convert_eva_vit
 from emu2_jax.convert.llama import convert_llama
-from emu2_jax.convert.stream import Source, source_files
+from emu2_jax.convert.source import Source, source_files
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from emu2_jax.convert import emu1
-from emu2_jax.convert.stream import Source, _safetensors_header, source_files
+from emu2_jax.convert.source import Source, _safetensors_header, source_files
 from emu2_jax.models import presets
 from emu2_jax.models.emu2 import Emu2Config
 from emu2_jax.models.eva_vit import VisionConfig

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from emu2_jax.convert.__main__ import convert
-from emu2_jax.convert.stream import Source, source_files
+from emu2_jax.convert.source import Source, source_files
 from emu2_jax.export import export
 from tests import cli
 from tests.convert.test_convert_command import EMU_CONFIG, UNET_CONFIG, VAE_CONFIG, _write_json, states  # noqa: F401
