@@ -135,7 +135,7 @@ def generate_images(loaded: checkpoints.LoadedLlm, rows: list[prompts.Row], raw:
             continue
         if autoencode:
             size = decoder.model.config.vision.image_size
-            pixels = image_lib.normalize(np.stack([prompts.encoder_pixels(raw[i][1][0], size) for i in index]))
+            pixels = image_lib.normalize(np.stack([image_lib.resize_for_encoder(raw[i][1][0], size) for i in index]))
             drawn, cond = generator.autoencode(pixels, rng, num_steps=f.steps, guidance_scale=f.guidance)
         else:
             batch = prompts.batch([rows[i] for i in index], cfg, tok.pad_id)

@@ -120,7 +120,7 @@ def _layer_pattern(key: str) -> tuple[tuple[str, str], int | None]:
 
 
 class Source:
-    """Lazy `{key: tensor}` over checkpoint files; `get(key)` reads one tensor as numpy."""
+    """Lazy `{key: tensor}` over checkpoint files; `source[key]` reads one tensor as numpy."""
 
     def __init__(self, files: list[pathlib.Path], *, allow_nonfinite: bool = False,
                  buffers: Buffers | None = None):
@@ -217,9 +217,9 @@ class Source:
         if prefix is None or (step is not None and index is None):
             return None
         following = prefix if step is None else f"{prefix}.{index + step}.{suffix}"
-        if following in self.used or not isinstance(self.where.get(following, (None, {}))[1], tuple):
-            return None  # read already, absent, or in a memory-mapped .bin (nothing to overlap)
-        return following
+        if following in self.used or following not in self.where:
+            return None
+        return following if isinstance(self.where[following][1], tuple) else None  # a .bin is memory-mapped
 
 
 def _numpy(tensor: Any) -> np.ndarray:

@@ -21,7 +21,6 @@ from absl import logging
 
 from emu2_jax import video_io
 from emu2_jax.data import images as image_lib
-from emu2_jax.inference import prompts
 from emu2_jax.models.emu2 import Emu2Config, Emu2Model
 
 PyTree = Any
@@ -129,7 +128,7 @@ def pooled_features(config: Emu2Config, params: PyTree, visuals: Sequence[Callab
         frames = load()
         counts.append(len(frames))
         for frame in frames:
-            pending.append(image_lib.normalize(prompts.encoder_pixels(frame, size)))
+            pending.append(image_lib.normalize(image_lib.resize_for_encoder(frame, size)))
             owners.append(i)
             if len(pending) == batch_size:
                 flush()

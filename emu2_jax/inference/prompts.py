@@ -29,16 +29,11 @@ class Row:
     is_frame: list[bool]
 
 
-def encoder_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """A decoded uint8 image [H, W, 3] -> uint8 encoder input [size, size, 3] (squash resize, as the
-    release); `images.normalize` makes it what `Emu2Model.encode_images` takes."""
-    return image_lib.resize_for_encoder(image, size)
-
-
 def build_row(tokenizer: tk.Tokenizer, config: Emu2Config, prompt: str, images: Sequence[np.ndarray] = (),
               videos: Sequence[Sequence[np.ndarray]] = (), *, add_bos: bool = True) -> Row:
     """`prompt` with each `[<IMG_PLH>]` taking the next of `images` (uint8 [H, W, 3]) and each
-    `[<VID_PLH>]` the next of `videos` (lists of frames)."""
+    `[<VID_PLH>]` the next of `videos` (lists of frames), each squash-resized to the encoder's input
+    as the release does."""
     parts = _PLACEHOLDER_RE.split(prompt)
     wanted = (parts.count(tk.IMG_PLACEHOLDER), parts.count(tk.VID_PLACEHOLDER))
     if wanted != (len(images), len(videos)):
@@ -52,12 +47,12 @@ def build_row(tokenizer: tk.Tokenizer, config: Emu2Config, prompt: str, images: 
     for part in parts:
         if part == tk.IMG_PLACEHOLDER:
             expanded.append(image_run)
-            pixels.append(encoder_pixels(next(image_iter), size))
+            pixels.append(image_lib.resize_for_encoder(next(image_iter), size))
             frames.append(False)
         elif part == tk.VID_PLACEHOLDER:
             clip = next(video_iter)
             expanded.append(tk.VIDEO + frame_run * len(clip))
-            pixels += [encoder_pixels(f, size) for f in clip]
+            pixels += [image_lib.resize_for_encoder(f, size) for f in clip]
             frames += [True] * len(clip)
         else:
             expanded.append(part)
