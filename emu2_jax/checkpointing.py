@@ -20,6 +20,10 @@ an Orbax PyTree checkpoint of the plain params dict, `{component: subtree}` with
 `emu2_jax.models.emu2.COMPONENTS` (any subset), laid out exactly like `Emu2Model`'s params.
 `load_params` also accepts a training workdir (or its `checkpoints/` folder): its latest step's params,
 and loads a 3D video `unet` from a 2D one (SD 2.1) by inflating it (`unet3d.inflate_params`).
+
+The params loader also reads training workdirs (the `params` of their latest step's `state` item,
+found through this file's layout: `CHECKPOINTS`, the step folders, the items), which is why both
+formats live in one file, a little over 400 lines.
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ What differs between stages is a *task* (emu2_jax.tasks, named by `config.task`)
 `tasks.llm.LlmTask` or the visual decoder's `tasks.decoder.DecoderTask`. A task gives the model, the
 batch layout, the loss of a microbatch, the data iterator, the FLOPs of a step and the samples; the
 loop, optimizer, shardings and checkpoints here are shared.
+
+The file is a little over 400 lines because it is the one loop every stage runs, read top to
+bottom as the flax examples do (state creation, resume, step, logging, samples, checkpoints,
+preemption); what varies lives in the tasks.
 """
 from __future__ import annotations
 
