@@ -184,14 +184,14 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config: 
 
         updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & optim.all_finite(new_trainable)
+        grad_norm, param_norm, finite = optim.update_norms(loss, grads, new_trainable)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
             step=state.step + 1,
             params=optim.merge_params(keep(new_trainable, trainable), frozen),
             opt_state=keep(new_opt_state, state.opt_state))
         step_metrics = {**parts, **task.counts(batch), "loss": loss, "grad_norm": grad_norm,
+                        "param_norm": param_norm,
                         "nonfinite": (~finite).astype(jnp.float32)}
         groups = sorted({optim.GROUP_OF_COMPONENT[c] for c in trainable})
         step_metrics.update({f"lr/{g}": schedules[g](state.step) for g in groups})

@@ -130,7 +130,29 @@ def test_opt_state_sharded_like_params():
     assert all(s == replicated for name, s in flat.items() if not name.endswith("llm/w/kernel"))
 
 
-def test_all_finite():
-    assert bool(optim.all_finite({"a": jnp.ones(3), "b": {"c": jnp.zeros(2)}}))
-    assert not bool(optim.all_finite({"a": jnp.ones(3), "b": jnp.array([0.0, jnp.nan])}))
-    assert not bool(optim.all_finite({"a": jnp.array([jnp.inf])}))
+def test_update_norms_flag_any_nonfinite_element():
+    grads = {"a": jnp.array([3.0, 0.0]), "b": {"c": jnp.array([4.0])}}
+    params = {"a": jnp.ones(2), "b": {"c": jnp.array([2.0])}}
+    grad_norm, param_norm, finite = optim.update_norms(jnp.float32(1.0), grads, params)
+    np.testing.assert_allclose([grad_norm, param_norm], [5.0, np.sqrt(6.0)], rtol=1e-6)
+    assert bool(finite)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        poisoned = {"a": jnp.array([1.0, bad]), "b": params["b"]}
+        assert not bool(optim.update_norms(jnp.float32(1.0), grads, poisoned)[2]), bad
+        assert not bool(optim.update_norms(jnp.float32(1.0), poisoned, params)[2]), bad
+        assert not bool(optim.update_norms(jnp.float32(bad), grads, params)[2]), bad
+
+
+def test_skipping_a_step_compiles_to_a_program_linear_in_leaves():
+    """The skip (every leaf kept or replaced on one flag) must not copy a per-leaf check into each
+    leaf: at 4x the leaves the program is about 4x as long, not 16x."""
+    def program_lines(leaves: int) -> int:
+        def step(params, grads):
+            new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+            finite = optim.update_norms(jnp.float32(0.0), grads, new)[2]
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, params)
+        tree = {f"w{i}": jnp.ones((4,)) for i in range(leaves)}
+        return jax.jit(step).lower(tree, tree).compile().as_text().count("\n")
+
+    small, large = program_lines(40), program_lines(160)
+    assert large < 6 * small, (small, large)
