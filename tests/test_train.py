@@ -177,7 +177,8 @@ def test_tiny_run_loss_falls_and_captions_are_learned(tmp_path, monkeypatch, cap
     assert sorted(scalars) == [1, 20, 40, 60, 80, 100]
     assert scalars[1]["loss"] > 6.0 and scalars[100]["loss"] < 0.3, {s: v["loss"] for s, v in scalars.items()}
     assert scalars[20]["nonfinite"] == 1.0 and np.isfinite(scalars[20]["loss"])
-    assert {"lr/visual", "lr/llm", "lr/projector", "grad_norm", "tokens_per_sec", "images_per_sec"} <= set(scalars[40])
+    assert {"lr/visual", "lr/llm", "lr/projector", "grad_norm", "param_norm", "tokens_per_sec",
+            "images_per_sec"} <= set(scalars[40])
     assert scalars[40]["data/skipped/bad_image"] == 0 and scalars[40]["data/ingest_skipped/bad_record"] == 0
     assert scalars[100]["data/examples"] > scalars[40]["data/examples"] > 0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "40", "80"]
