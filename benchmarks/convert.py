@@ -129,15 +129,13 @@ def read_seconds(folder: str) -> float:
 
 
 _CHILD = """
-import os, sys, time
+import sys, time
 import numpy as np
 import tensorstore, torch  # imported lazily by the converter: ~1 s, timed like JAX's import (not at all)
+from benchmarks.convert import evict
 from emu2_jax.convert.__main__ import convert
 if sys.argv[5] == "cold":  # here, after the imports, as plain reading evicts right before it reads
-    for name in os.listdir(sys.argv[1]):
-        fd = os.open(os.path.join(sys.argv[1], name), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    evict(sys.argv[1])
 first_touch = float("nan")
 if float(sys.argv[4]):  # touched and freed right before the timed conversion (see the module doc)
     start = time.perf_counter()
