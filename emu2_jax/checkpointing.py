@@ -18,12 +18,10 @@ digest or holds a NaN/Inf raises CorruptCheckpointError with one line naming the
 Converted weights (`--config.init_from=DIR`) are a params-only checkpoint written by `save_params`:
 an Orbax PyTree checkpoint of the plain params dict, `{component: subtree}` with components from
 `emu2_jax.models.emu2.COMPONENTS` (any subset), laid out exactly like `Emu2Model`'s params.
-`load_params` also accepts a training workdir (or its `checkpoints/` folder): its latest step's params,
-and loads a 3D video `unet` from a 2D one (SD 2.1) by inflating it (`unet3d.inflate_params`).
-
-The params loader also reads training workdirs (the `params` of their latest step's `state` item,
-found through this file's layout: `CHECKPOINTS`, the step folders, the items), which is why both
-formats live in one file, a little over 400 lines.
+`load_params` also accepts a training workdir (or its `checkpoints/` folder): its latest step's params
+(the `params` of its `state` item, found through this file's layout: `CHECKPOINTS`, the step
+folders, the items, which is why both formats live in one file, a little over 400 lines), and
+loads a 3D video `unet` from a 2D one (SD 2.1) by inflating it (`unet3d.inflate_params`).
 """
 from __future__ import annotations
 
