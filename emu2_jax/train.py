@@ -7,8 +7,8 @@ Each stage is a config file (configs/<stage>.py; `:tiny` runs on a laptop CPU in
 field can be overridden on the command line, e.g. `--config.total_steps=200`. Running the same
 command again resumes from the latest checkpoint in the workdir. What lands in the workdir:
   checkpoints/<step>/   Orbax checkpoints (state, data-iterator state, config), see checkpointing.py
-  events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad norm, throughput, MFU) and
-                        the task's samples (LLM stages: the sample images with their captions)
+  events.out.tfevents.* TensorBoard scalars (losses, learning rates, grad and param norms, throughput,
+                        MFU) and the task's samples (LLM stages: the sample images with captions)
   samples/              the task's samples, e.g. step_<N>.json greedy captions (LLM stages)
 
 What differs between stages is a *task* (emu2_jax.tasks, named by `config.task`): the LLM stages'
